@@ -1,0 +1,505 @@
+"""Data: finding images and masks, reading them safely, preprocessing, splitting, and in-memory tensors.
+
+This module is the one place for the facts every script shares: image size, normalization, class names.
+They are stored in every checkpoint (see model.py), so predict.py and evaluate.py never guess them.
+
+Three layouts are understood:
+  * BUSI class folders:  root/{benign,malignant,normal}/X (n).png with masks X (n)_mask.png, X (n)_mask_1.png ...
+  * two folders (the original repo's path_to_images / path_to_masks): masks matched to images by file name
+  * a manifest CSV with columns image,mask,label (paths relative to the CSV; several masks joined by ';')
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+log = logging.getLogger("dataset")
+
+# ---- the shared facts (stored in every checkpoint) ----
+IMAGE_SIZE = 256                                  # network input is IMAGE_SIZE x IMAGE_SIZE, one grey channel
+NORM_MEAN = 0.5                                   # pixels scaled to [0,1], then (x - NORM_MEAN) / NORM_STD
+NORM_STD = 0.5
+CLASS_NAMES = ("normal", "benign", "malignant")   # image-level labels
+LESION_CLASSES = ("benign", "malignant")          # one output channel per lesion class, in this order
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Decompression-bomb guard, set on purpose: the largest ultrasound frames are a few megapixels; a file that
+# decodes to more than this is refused instead of filling memory.
+MAX_IMAGE_PIXELS = 50_000_000
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+
+class DataError(Exception):
+    """A problem with an input file or folder. The message names the file and says what is wrong."""
+
+
+def preprocessing_meta(image_size: int = IMAGE_SIZE) -> dict:
+    """The preprocessing facts a checkpoint must carry."""
+    return {"image_size": image_size, "in_channels": 1, "norm_mean": NORM_MEAN, "norm_std": NORM_STD,
+            "class_names": list(CLASS_NAMES), "lesion_classes": list(LESION_CLASSES)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading files
+# ---------------------------------------------------------------------------------------------------------
+
+def _open(path: Path) -> Image.Image:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, expected an image file")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            img.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DataError(f"{path}: image too large ({e}); the limit is {MAX_IMAGE_PIXELS} pixels "
+                        f"(dataset.MAX_IMAGE_PIXELS) to guard against decompression bombs") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not an image file PIL can read (wrong extension, or not an image)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: cannot decode image ({e}); the file may be truncated or corrupt") from None
+    if img.width * img.height > MAX_IMAGE_PIXELS:
+        raise DataError(f"{path}: image too large ({img.width}x{img.height}); the limit is {MAX_IMAGE_PIXELS} pixels")
+    return img
+
+
+def _to_grey(img: Image.Image, path: Path) -> np.ndarray:
+    """Any PIL mode -> uint8 HxW. 16-bit and float images are scaled by their type's range."""
+    mode = img.mode
+    try:
+        if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+            a = np.asarray(img, dtype=np.float64)
+            top = 65535.0 if mode.startswith("I;16") or a.max() > 255 else 255.0
+            return np.clip(np.round(a / top * 255.0), 0, 255).astype(np.uint8)
+        if mode == "F":
+            a = np.asarray(img, dtype=np.float64)
+            top = 1.0 if a.max() <= 1.0 else 255.0
+            return np.clip(np.round(a / top * 255.0), 0, 255).astype(np.uint8)
+        if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+            img = img.convert("RGBA").convert("RGB")  # alpha is dropped: pixel values stay as stored
+        if mode == "1":
+            return np.asarray(img.convert("L"), dtype=np.uint8)
+        return np.asarray(img.convert("L"), dtype=np.uint8)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot convert image of mode {mode} to greyscale ({e})") from None
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Read any image file as uint8 greyscale HxW (RGB with equal channels keeps its values exactly)."""
+    path = Path(path)
+    return _to_grey(_open(path), path)
+
+
+def load_mask(path: str | Path, expected_shape: tuple[int, int] | None = None) -> np.ndarray:
+    """Read a mask file as bool HxW. Accepts 0/255 and 0/1 masks in any mode; anything else is an error."""
+    path = Path(path)
+    img = _open(path)
+    if expected_shape is not None and (img.height, img.width) != tuple(expected_shape):
+        raise DataError(f"{path}: mask is {img.width}x{img.height} but its image is "
+                        f"{expected_shape[1]}x{expected_shape[0]}")
+    a = _to_grey(img, path)
+    values = np.unique(a)
+    if np.all(np.isin(values, (0, 255))):
+        return a == 255
+    if np.all(np.isin(values, (0, 1))):
+        return a == 1
+    shown = ", ".join(str(v) for v in values[:8]) + (" ..." if len(values) > 8 else "")
+    raise DataError(f"{path}: mask must hold only 0/255 or 0/1, found values {shown}")
+
+
+def load_mask_union(paths: list[Path] | tuple[Path, ...], shape: tuple[int, int]) -> np.ndarray:
+    """The union of several mask files (BUSI has up to 3 per image); no files -> an empty mask."""
+    mask = np.zeros(shape, dtype=bool)
+    for p in paths:
+        mask |= load_mask(p, shape)
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preprocessing (the one place that defines what the network sees)
+# ---------------------------------------------------------------------------------------------------------
+
+def resize_image(grey: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """uint8 HxW -> uint8 size x size (bilinear with antialiasing)."""
+    return np.asarray(Image.fromarray(grey).resize((size, size), Image.BILINEAR), dtype=np.uint8)
+
+
+def resize_mask(mask: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """bool HxW -> bool size x size. Area-weighted resize then >= 0.5, so the mask stays binary and centred."""
+    m = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
+    return np.asarray(m) >= 128
+
+
+def normalize(x):
+    """uint8 values (numpy or torch) -> float in [-1, 1]: [0,1] then (x - mean) / std."""
+    return (x / 255.0 - NORM_MEAN) / NORM_STD
+
+
+def preprocess(grey: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
+    """uint8 HxW -> float32 1 x size x size in [-1, 1]: exactly what the network is given."""
+    return normalize(resize_image(grey, size).astype(np.float32))[None].astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Discovery
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled image: its file, its mask files (empty for a normal image), its label and a stable key."""
+    image: Path
+    masks: tuple[Path, ...]
+    label: str
+    key: str  # path relative to the data root, used in split files
+
+    @property
+    def lesion_index(self) -> int | None:
+        return LESION_CLASSES.index(self.label) if self.label in LESION_CLASSES else None
+
+
+_MASK_RE = re.compile(r"^(?P<stem>.+?)_mask(?:_(?P<n>\d+))?$", re.IGNORECASE)
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+
+def _check_label(label: str, where: str) -> str:
+    label = label.strip().lower()
+    if label not in CLASS_NAMES:
+        raise DataError(f"{where}: unknown label {label!r}; expected one of {', '.join(CLASS_NAMES)}")
+    return label
+
+
+def _pair_masks(files: list[Path], where: Path) -> dict[Path, list[Path]]:
+    """Split a folder listing into images and their masks (X.png <- X_mask.png, X_mask_1.png, ...)."""
+    images = {p.stem: p for p in files if not _MASK_RE.match(p.stem)}
+    masks: dict[Path, list[Path]] = {p: [] for p in images.values()}
+    for p in files:
+        m = _MASK_RE.match(p.stem)
+        if not m:
+            continue
+        owner = images.get(m.group("stem"))
+        if owner is None:
+            raise DataError(f"{p}: mask with no image (expected {m.group('stem')}.<ext> in {where})")
+        masks[owner].append(p)
+    return {img: sorted(ms, key=lambda q: q.name) for img, ms in masks.items()}
+
+
+def discover_busi(root: str | Path) -> list[Sample]:
+    """Find every image in a BUSI-style tree: root/<class>/<image> with <stem>_mask*.png beside it."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found")
+    present = [c for c in CLASS_NAMES if (root / c).is_dir()]
+    missing = [c for c in CLASS_NAMES if c not in present]
+    if not present:
+        entries = sorted(p.name for p in root.iterdir())[:10]
+        if not entries:
+            raise DataError(f"{root}: the folder is empty; expected class folders {', '.join(CLASS_NAMES)}")
+        raise DataError(f"{root}: no class folders ({', '.join(CLASS_NAMES)}) found; it holds {entries}. "
+                        f"For other layouts use path_to_images/path_to_masks or a manifest CSV")
+    if missing:
+        raise DataError(f"{root}: missing class folder(s) {', '.join(missing)} (found {', '.join(present)}); "
+                        f"to train on a subset of classes write a manifest CSV")
+    samples = []
+    for label in CLASS_NAMES:
+        folder = root / label
+        files = sorted((p for p in folder.iterdir() if _is_image(p)), key=lambda p: p.name)
+        pairs = _pair_masks(files, folder)
+        if not pairs:
+            raise DataError(f"{folder}: no images found")
+        for img, masks in sorted(pairs.items(), key=lambda kv: _natural_key(kv[0].name)):
+            if not masks:
+                raise DataError(f"{img}: image with no mask (expected {img.stem}_mask.png beside it)")
+            samples.append(Sample(img, tuple(masks), label, img.relative_to(root).as_posix()))
+    return samples
+
+
+def label_from_name(name: str) -> str | None:
+    """'benign (3).png' -> 'benign'; None when the name holds no class name."""
+    low = name.lower()
+    found = [c for c in CLASS_NAMES if c in low]
+    return found[0] if len(found) == 1 else None
+
+
+def discover_folders(path_to_images: str | Path, path_to_masks: str | Path,
+                     default_label: str = "") -> list[Sample]:
+    """The original layout: one folder of images, one of masks, matched by file name.
+
+    A mask matches an image when it has the same stem (any extension) or is <stem>_mask*.<ext>. The label
+    comes from the file name (BUSI names start with their class), else from default_label.
+    """
+    images_dir, masks_dir = Path(path_to_images), Path(path_to_masks)
+    for d, what in ((images_dir, "path_to_images"), (masks_dir, "path_to_masks")):
+        if not d.is_dir():
+            raise DataError(f"{d}: {what} folder not found")
+    images = sorted((p for p in images_dir.iterdir() if _is_image(p)), key=lambda p: _natural_key(p.name))
+    if not images:
+        raise DataError(f"{images_dir}: no images found")
+    by_stem: dict[str, list[Path]] = {}
+    for p in (p for p in masks_dir.iterdir() if _is_image(p)):
+        m = _MASK_RE.match(p.stem)
+        by_stem.setdefault(m.group("stem") if m else p.stem, []).append(p)
+    stems = {p.stem for p in images}
+    for stem, ps in by_stem.items():
+        if stem not in stems:
+            raise DataError(f"{ps[0]}: mask with no image in {images_dir}")
+    samples = []
+    for img in images:
+        masks = sorted(by_stem.get(img.stem, []), key=lambda q: q.name)
+        if not masks:
+            raise DataError(f"{img}: image with no mask in {masks_dir}")
+        label = label_from_name(img.name) or default_label
+        if not label:
+            raise DataError(f"{img}: cannot tell the class from the file name; set default_label or use a "
+                            f"manifest CSV with a label column")
+        samples.append(Sample(img, tuple(masks), _check_label(label, str(img)), img.name))
+    return samples
+
+
+def discover_manifest(csv_path: str | Path) -> list[Sample]:
+    """A CSV with columns image,mask,label; paths relative to the CSV; several masks joined by ';'."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise DataError(f"{csv_path}: manifest not found")
+    base = csv_path.parent
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{csv_path}: not a readable CSV ({e})") from None
+    if not rows or not {"image", "mask", "label"} <= set(rows[0].keys()):
+        raise DataError(f"{csv_path}: manifest needs a header with columns image,mask,label")
+    samples = []
+    for i, row in enumerate(rows, start=2):
+        where = f"{csv_path} line {i}"
+        if not (row["image"] or "").strip():
+            raise DataError(f"{where}: empty image path")
+        img = base / row["image"].strip()
+        if not img.is_file():
+            raise DataError(f"{where}: image {img} not found")
+        masks = tuple(base / m.strip() for m in (row["mask"] or "").split(";") if m.strip())
+        for m in masks:
+            if not m.is_file():
+                raise DataError(f"{where}: mask {m} not found")
+        label = _check_label(row["label"] or "", where)
+        if label != "normal" and not masks:
+            raise DataError(f"{where}: a {label} image needs a mask")
+        samples.append(Sample(img, masks, label, row["image"].strip()))
+    return samples
+
+
+def discover(data_dir: str = "", path_to_images: str = "", path_to_masks: str = "", manifest: str = "",
+             default_label: str = "") -> list[Sample]:
+    """Pick the layout from whichever setting is given: manifest, then the two folders, then data_dir."""
+    if manifest:
+        return discover_manifest(manifest)
+    if path_to_images or path_to_masks:
+        if not (path_to_images and path_to_masks):
+            raise DataError("path_to_images and path_to_masks must be given together")
+        return discover_folders(path_to_images, path_to_masks, default_label)
+    if not data_dir:
+        raise DataError("no data given: set data_dir, path_to_images/path_to_masks or manifest")
+    return discover_busi(data_dir)
+
+
+def _natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading into memory, duplicates
+# ---------------------------------------------------------------------------------------------------------
+
+@dataclass
+class LoadedSet:
+    """Samples decoded into memory: network-size uint8 tensors plus original-size masks for evaluation."""
+    samples: list[Sample]
+    images: np.ndarray            # uint8 N x 1 x S x S
+    targets: np.ndarray           # uint8 N x len(LESION_CLASSES) x S x S (0/1)
+    full_masks: list[np.ndarray]  # bool H x W at each image's original resolution
+    hashes: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def subset(self, indices: list[int]) -> "LoadedSet":
+        return LoadedSet([self.samples[i] for i in indices], self.images[indices], self.targets[indices],
+                         [self.full_masks[i] for i in indices], [self.hashes[i] for i in indices])
+
+
+def load_sample(s: Sample, size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+    """Decode one sample: (image uint8 SxS, target uint8 CxSxS, full-size bool mask, content hash)."""
+    grey = load_image(s.image)
+    mask = load_mask_union(s.masks, grey.shape)
+    target = np.zeros((len(LESION_CLASSES), size, size), dtype=np.uint8)
+    if s.lesion_index is not None:
+        target[s.lesion_index] = resize_mask(mask, size)
+    elif mask.any():
+        log.warning("%s: labelled normal but its mask is not empty; the mask is ignored", s.image)
+        mask = np.zeros_like(mask)
+    digest = hashlib.sha256(np.ascontiguousarray(grey).tobytes() + str(grey.shape).encode()).hexdigest()
+    return resize_image(grey, size), target, mask, digest
+
+
+def load_set(samples: list[Sample], size: int = IMAGE_SIZE, progress: bool = False) -> LoadedSet:
+    """Decode every sample into memory (780 BUSI images at 256x256 take about 100 MB with the masks)."""
+    it = samples
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(samples, desc="loading images", unit="img", leave=False)
+    imgs, tgts, fulls, hashes = [], [], [], []
+    for s in it:
+        img, tgt, full, h = load_sample(s, size)
+        imgs.append(img[None]); tgts.append(tgt); fulls.append(full); hashes.append(h)
+    n = len(samples)
+    images = np.stack(imgs) if n else np.zeros((0, 1, size, size), np.uint8)
+    targets = np.stack(tgts) if n else np.zeros((0, len(LESION_CLASSES), size, size), np.uint8)
+    return LoadedSet(list(samples), images, targets, fulls, hashes)
+
+
+def duplicate_groups(hashes: list[str]) -> list[list[int]]:
+    """Indices of samples whose decoded pixels are identical, as groups of two or more."""
+    groups: dict[str, list[int]] = {}
+    for i, h in enumerate(hashes):
+        groups.setdefault(h, []).append(i)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def resolve_duplicates(samples: list[Sample], hashes: list[str]) -> tuple[list[int], dict]:
+    """Decide what to do with copies of one picture; returns (indices to keep, report).
+
+    Copies with the same label: the first is kept, the others dropped (they would only weight that image
+    twice). Copies with different labels (BUSI's benign (433) = malignant (145)): all are dropped, since
+    one picture cannot be trained towards two answers, and no copy can end up on both sides of a split.
+    """
+    drop: set[int] = set()
+    report = {"same_label": [], "conflicting_labels": []}
+    for group in duplicate_groups(hashes):
+        keys = [samples[i].key for i in group]
+        if len({samples[i].label for i in group}) == 1:
+            drop.update(group[1:])
+            report["same_label"].append({"kept": keys[0], "dropped": keys[1:]})
+        else:
+            drop.update(group)
+            report["conflicting_labels"].append({"dropped": keys,
+                                                 "labels": [samples[i].label for i in group]})
+    for item in report["same_label"]:
+        log.warning("duplicate images (same picture): kept %s, dropped %s", item["kept"], item["dropped"])
+    for item in report["conflicting_labels"]:
+        log.warning("duplicate images with conflicting labels %s: all dropped: %s", item["labels"], item["dropped"])
+    return [i for i in range(len(samples)) if i not in drop], report
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Splitting
+# ---------------------------------------------------------------------------------------------------------
+
+def make_split(samples: list[Sample], val_fraction: float = 0.2, seed: int = 42, folds: int = 0) -> dict:
+    """A deterministic split, stratified by class and seeded.
+
+    folds == 0: one train/validation split with round(val_fraction * n) validation images per class.
+    folds >= 2: K stratified folds (each class dealt round-robin over the folds after a seeded shuffle);
+    the split dict then stores all folds and select_fold() picks the validation fold.
+    """
+    rng = random.Random(seed)
+    by_class: dict[str, list[str]] = {}
+    for s in samples:
+        by_class.setdefault(s.label, []).append(s.key)
+    split = {"version": 1, "seed": seed, "classes": {c: len(v) for c, v in sorted(by_class.items())}}
+    if folds and folds >= 2:
+        fold_lists: list[list[str]] = [[] for _ in range(folds)]
+        offset = 0
+        for label in sorted(by_class):
+            keys = sorted(by_class[label])
+            rng.shuffle(keys)
+            for j, k in enumerate(keys):
+                fold_lists[(j + offset) % folds].append(k)
+            offset += len(keys)  # so the smaller folds are not always the first ones
+        split.update(folds=[sorted(f) for f in fold_lists])
+        return split
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    train, val = [], []
+    for label in sorted(by_class):
+        keys = sorted(by_class[label])
+        rng.shuffle(keys)
+        n_val = max(1, round(val_fraction * len(keys))) if len(keys) > 1 else 0
+        val += keys[:n_val]
+        train += keys[n_val:]
+    split.update(val_fraction=val_fraction, train=sorted(train), val=sorted(val))
+    return split
+
+
+def select_fold(split: dict, fold: int) -> tuple[list[str], list[str]]:
+    """(train keys, validation keys) of a split: the stored pair, or fold `fold` of a K-fold split."""
+    if "folds" in split:
+        k = len(split["folds"])
+        if not 0 <= fold < k:
+            raise ValueError(f"fold must be in 0..{k - 1}, got {fold}")
+        val = split["folds"][fold]
+        train = [key for i, f in enumerate(split["folds"]) if i != fold for key in f]
+        return sorted(train), sorted(val)
+    return split["train"], split["val"]
+
+
+def save_json_atomic(path: str | Path, obj) -> None:
+    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_or_make_split(path: str | Path, samples: list[Sample], val_fraction: float = 0.2, seed: int = 42,
+                       folds: int = 0, report: dict | None = None) -> dict:
+    """Reuse the split file when it exists (so every run sees the same validation images), else write one."""
+    path = Path(path)
+    keys = {s.key for s in samples}
+    if path.exists():
+        try:
+            split = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{path}: split file is not valid JSON ({e}); delete it to make a new split") from None
+        if folds and "folds" not in split:
+            raise DataError(f"{path}: holds a train/val split but folds={folds} was asked; use another split_file")
+        if folds and len(split["folds"]) != folds:
+            raise DataError(f"{path}: holds {len(split['folds'])} folds but folds={folds} was asked")
+        listed = set(split["folds"][0]).union(*split["folds"]) if "folds" in split else \
+            set(split["train"]) | set(split["val"])
+        gone = sorted(listed - keys)
+        if gone:
+            raise DataError(f"{path}: the split names {len(gone)} image(s) not in the data, e.g. {gone[:3]}; "
+                            f"delete the split file to make a new one")
+        new = sorted(keys - listed)
+        if new:
+            log.warning("%d image(s) are not in the stored split %s and are not used (e.g. %s)",
+                        len(new), path, new[:3])
+        log.info("reusing split %s", path)
+        return split
+    split = make_split(samples, val_fraction, seed, folds)
+    if report:
+        split["duplicates"] = report
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_json_atomic(path, split)
+    log.info("wrote split %s", path)
+    return split
