@@ -428,6 +428,16 @@ def _device(name: str, local_rank: int, distributed: bool) -> torch.device:
     return dev
 
 
+def default_settings(**overrides) -> dict:
+    """The settings with their defaults from this file, some replaced (for tests and notebooks)."""
+    from cli import parse_settings
+    cfg = parse_settings(__file__, [])
+    unknown = set(overrides) - set(cfg)
+    if unknown:
+        raise KeyError(f"unknown settings {sorted(unknown)}")
+    return {**cfg, **overrides}
+
+
 def main(argv: list[str] | None = None) -> int:
     from cli import parse_settings
     cfg = parse_settings(__file__, argv, __doc__)
