@@ -61,21 +61,36 @@ def _open(path: Path) -> Image.Image:
         raise DataError(f"{path}: is a folder, expected an image file")
     if path.stat().st_size == 0:
         raise DataError(f"{path}: empty file (0 bytes)")
+    img = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
+            Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL's own guard, checked from the header at open
             img = Image.open(path)
+            if img.width * img.height > MAX_IMAGE_PIXELS:  # also refused before decoding, whatever PIL says
+                raise Image.DecompressionBombError(f"{img.width}x{img.height} = {img.width * img.height} pixels")
             img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        _close(img)
         raise DataError(f"{path}: image too large ({e}); the limit is {MAX_IMAGE_PIXELS} pixels "
                         f"(dataset.MAX_IMAGE_PIXELS) to guard against decompression bombs") from None
     except UnidentifiedImageError:
         raise DataError(f"{path}: not an image file PIL can read (wrong extension, or not an image)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: cannot decode image ({e}); the file may be truncated or corrupt") from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad file, never a traceback from PIL
+        _close(img)
+        raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e}); the file may be truncated or "
+                        f"corrupt") from None
     if img.width * img.height > MAX_IMAGE_PIXELS:
         raise DataError(f"{path}: image too large ({img.width}x{img.height}); the limit is {MAX_IMAGE_PIXELS} pixels")
     return img
+
+
+def _close(img: Image.Image | None) -> None:
+    if img is not None:
+        try:
+            img.close()
+        except Exception:  # noqa: BLE001 - closing a broken file must not hide the real error
+            pass
 
 
 def _to_grey(img: Image.Image, path: Path) -> np.ndarray:
@@ -87,15 +102,15 @@ def _to_grey(img: Image.Image, path: Path) -> np.ndarray:
             top = 65535.0 if mode.startswith("I;16") or a.max() > 255 else 255.0
             return np.clip(np.round(a / top * 255.0), 0, 255).astype(np.uint8)
         if mode == "F":
-            a = np.asarray(img, dtype=np.float64)
+            a = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
             top = 1.0 if a.max() <= 1.0 else 255.0
             return np.clip(np.round(a / top * 255.0), 0, 255).astype(np.uint8)
         if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
             img = img.convert("RGBA").convert("RGB")  # alpha is dropped: pixel values stay as stored
-        if mode == "1":
-            return np.asarray(img.convert("L"), dtype=np.uint8)
+        if mode == "LAB":
+            return np.asarray(img.getchannel("L"), dtype=np.uint8)  # lightness is the grey image
         return np.asarray(img.convert("L"), dtype=np.uint8)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - e.g. a mode PIL cannot convert, or a decoder error on access
         raise DataError(f"{path}: cannot convert image of mode {mode} to greyscale ({e})") from None
 
 
@@ -112,6 +127,16 @@ def load_mask(path: str | Path, expected_shape: tuple[int, int] | None = None) -
     if expected_shape is not None and (img.height, img.width) != tuple(expected_shape):
         raise DataError(f"{path}: mask is {img.width}x{img.height} but its image is "
                         f"{expected_shape[1]}x{expected_shape[0]}")
+    if img.mode.startswith(("I", "F")):  # 16/32-bit or float masks: judge the stored values, not scaled ones
+        try:
+            raw = np.unique(np.asarray(img))
+        except Exception as e:  # noqa: BLE001
+            raise DataError(f"{path}: cannot read mask of mode {img.mode} ({e})") from None
+        for top in (1, 255, 65535):
+            if np.all(np.isin(raw, (0, top))):
+                return np.asarray(img) == top
+        shown = ", ".join(f"{v:g}" for v in raw[:8]) + (" ..." if len(raw) > 8 else "")
+        raise DataError(f"{path}: mask must hold only 0/255, 0/1 or 0/65535, found values {shown}")
     a = _to_grey(img, path)
     values = np.unique(a)
     if np.all(np.isin(values, (0, 255))):
@@ -463,11 +488,17 @@ def save_json_atomic(path: str | Path, obj) -> None:
     """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not e.filename:
+            raise OSError(e.errno, e.strerror, str(path)) from None  # say which file could not be written
+        raise
 
 
 def load_or_make_split(path: str | Path, samples: list[Sample], val_fraction: float = 0.2, seed: int = 42,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import tempfile
@@ -115,8 +116,9 @@ def _load_encoder_state(model: nn.Module, state: dict, in_channels: int, source:
                 and v.shape[1] == 3 and in_channels == 1:
             v = v.sum(dim=1, keepdim=True)
         fixed[k] = v
-    missing, unexpected = model.encoder.load_state_dict(fixed, strict=False)
-    unexpected = [k for k in unexpected if not k.startswith(("fc.", "classifier.", "_fc."))]
+    fixed = {k: v for k, v in fixed.items() if not k.startswith(("fc.", "classifier.", "_fc."))}
+    # nn.Module's own method: SMP encoders override load_state_dict and return nothing
+    missing, unexpected = nn.Module.load_state_dict(model.encoder, fixed, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{source}: encoder weights do not match: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
@@ -198,9 +200,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and not e.filename:
+            raise OSError(e.errno, e.strerror, str(path)) from None  # say which file could not be written
         raise
 
 
@@ -235,7 +239,24 @@ def read_checkpoint_meta(path: str | Path) -> dict:
     for key in ("encoder", "classes", "image_size", "norm_mean", "norm_std", "in_channels"):
         if key not in meta:
             raise CheckpointError(f"{path}: checkpoint metadata lacks {key!r}")
+    _check_meta_types(meta, path)
     return meta
+
+
+def _check_meta_types(meta: dict, path) -> None:
+    """Metadata values of the right type and range, so a doctored file fails here and not deep in torch."""
+    def count(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    def real(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    rules = {"encoder": (lambda v: isinstance(v, str) and v != "", "a non-empty string"),
+             "classes": (count, "a positive integer"), "in_channels": (count, "a positive integer"),
+             "image_size": (lambda v: count(v) and v % 32 == 0, "a positive multiple of 32"),
+             "norm_mean": (real, "a finite number"), "norm_std": (lambda v: real(v) and v > 0, "a positive number"),
+             "threshold": (lambda v: real(v) and 0 <= v <= 1, "a number in [0, 1]")}
+    for key, (ok, what) in rules.items():
+        if key in meta and not ok(meta[key]):
+            raise CheckpointError(f"{path}: checkpoint metadata {key!r} is {meta[key]!r}, expected {what}")
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
@@ -245,7 +266,10 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     if not known_encoder(meta["encoder"]):
         raise CheckpointError(f"{path}: unknown encoder {meta['encoder']!r} in metadata")
     model = _unet(meta["encoder"], int(meta["in_channels"]), int(meta["classes"]))
-    state = load_file(str(path), device="cpu")
+    try:
+        state = load_file(str(path), device="cpu")
+    except Exception as e:  # noqa: BLE001 - a damaged body after a readable header
+        raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {str(e)[:200]})") from None
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

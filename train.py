@@ -11,7 +11,9 @@ expanded 7x by augmentation, RMSProp lr 1e-3, pixel-wise binary cross-entropy, R
 after 5 epochs without improvement of the validation loss), 200 epochs.
 
 out_dir receives: best.safetensors (lowest validation loss), last.safetensors (every epoch), resume.pt
-(optimizer, scheduler, epoch, RNG), split.json, log.csv; the loss graph goes to loss_graph/<run>.png.
+(weights, optimizer, scheduler, position, RNG: one file loaded with weights_only=True), split.json, log.csv;
+the loss graph goes to loss_graph/<run>.png. Every file is written atomically (temporary file, fsync,
+rename), resume.pt last, so a kill at any moment leaves a run that --resume continues exactly.
 Ctrl-C saves a resumable state. Under torchrun the same script trains with DistributedDataParallel.
 """
 from __future__ import annotations
@@ -99,7 +101,8 @@ def check_out_dir(cfg: dict, is_main: bool) -> Path:
     out = Path(cfg["out_dir"])
     if not is_main:
         return out
-    existing = [p.name for p in (out / "log.csv", out / "last.safetensors", out / "resume.pt") if p.exists()]
+    existing = [p.name for p in (out / "log.csv", out / "best.safetensors", out / "last.safetensors",
+                                 out / "resume.pt", out / "resume.safetensors") if p.exists()]
     if existing and not (cfg["resume"] or cfg["overwrite"]):
         raise TrainingError(f"{out}: already holds a run ({', '.join(existing)}); use --resume to continue it, "
                             f"--overwrite to start again there, or another --out_dir")
@@ -129,12 +132,9 @@ def prepare_data(cfg: dict, out: Path, is_main: bool = True):
     keep, report = dataset.resolve_duplicates(loaded.samples, loaded.hashes)
     loaded = loaded.subset(keep)
     split_path = Path(cfg["split_file"] or out / "split.json")
-    if is_main:
-        split = dataset.load_or_make_split(split_path, loaded.samples, cfg["val_fraction"], cfg["seed"],
-                                           cfg["folds"], report)
-    else:  # the other ranks make the same split in memory; only rank 0 writes it
-        split = json.loads(split_path.read_text()) if split_path.exists() else \
-            dataset.make_split(loaded.samples, cfg["val_fraction"], cfg["seed"], cfg["folds"])
+    # rank 0 reads (or makes and writes) the split file; under torchrun the other ranks receive its split
+    split = _on_rank0(dataset.load_or_make_split, split_path, loaded.samples, cfg["val_fraction"], cfg["seed"],
+                      cfg["folds"], report)
     train_keys, val_keys = dataset.select_fold(split, cfg["fold"])
     index = {s.key: i for i, s in enumerate(loaded.samples)}
     train = loaded.subset([index[k] for k in train_keys if k in index])
@@ -233,8 +233,10 @@ def plot_losses(rows: list[dict], path: Path, title: str) -> None:
 # ---------------------------------------------------------------------------------------------------------
 
 def epoch_generator(seed_: int, epoch: int, batch: int = -1) -> torch.Generator:
-    """Seeded generators: one per epoch for the order, one per global batch for its augmentation, so a run
-    resumed at any batch, or split over several processes, draws exactly the same numbers."""
+    """Seeded generators: one per epoch for the order, one per batch of one process for its augmentation, so
+    a run resumed at any batch draws exactly the same numbers. The data order of an epoch does not depend on
+    the number of processes; the augmentation's random numbers do (batch index = sample position // batch
+    size), so runs with expand > 1 on different numbers of processes see differently augmented variants."""
     return torch.Generator().manual_seed((seed_ * 1_000_003 + epoch) * 1_000_003 + batch + 1)
 
 
@@ -254,59 +256,115 @@ def make_batch(idx: torch.Tensor, variant: torch.Tensor, g: torch.Generator, ima
     return x, y
 
 
-def validate(model, val, device, cfg) -> tuple[float, dict, dict]:
-    from evaluate import evaluate_set, headline
+def validate(model, val, device, cfg, rank: int = 0, world: int = 1) -> tuple[float, dict, dict]:
+    """Validation loss and metrics. Under torchrun each rank scores a contiguous share of the validation
+    images; the per-image rows and BCE sums are gathered so that every rank returns the same numbers."""
+    from evaluate import evaluate_set, headline, summarize
     from predict import predict_logits
     model.eval()
     predictor = lambda imgs, bs, tta_: predict_logits(model, imgs, device, bs, tta_, cfg["channels_last"])
-    _, summary = evaluate_set(predictor, val, cfg["threshold"], batch_size=max(8, cfg["batch_size"]),
-                              with_hd95=False)
+    part = val if world == 1 else val.subset(list(range(len(val) * rank // world, len(val) * (rank + 1) // world)))
+    rows, summary = evaluate_set(predictor, part, cfg["threshold"], batch_size=max(8, cfg["batch_size"]),
+                                 with_hd95=False)
     model.train()
+    if world > 1:
+        # evaluate_set gives the BCE sum divided by the pixel count (or by 1 for an empty share)
+        shares = [None] * world
+        torch.distributed.all_gather_object(shares, (rows, summary["val_loss"] * max(1, part.targets.size),
+                                                     int(part.targets.size)))
+        rows = [r for share in shares for r in share[0]]  # rank order = the validation set's order
+        summary = summarize(rows)
+        summary["val_loss"] = math.fsum(share[1] for share in shares) / max(1, sum(share[2] for share in shares))
     return summary["val_loss"], headline(summary), summary
 
 
 def train_model(cfg: dict) -> dict:
-    """Run (or resume) one training; returns the final metrics. See the module docstring for the outputs."""
+    """Run (or resume) one training; returns the final metrics. See the module docstring for the outputs.
+
+    Under torchrun (WORLD_SIZE > 1): DistributedDataParallel over nccl (CUDA) or gloo (CPU); each rank trains
+    on its slice of every global batch of batch_size x world images; only rank 0 writes files."""
     rank, world, local_rank = dist_info()
-    is_main = rank == 0
     distributed = world > 1
     if cfg["num_threads"]:
         torch.set_num_threads(cfg["num_threads"])
     dev = _device(cfg["device"], local_rank, distributed)
-    if distributed:
-        import torch.distributed as dist
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    out = check_out_dir(cfg, is_main)
-    if distributed:
-        torch.distributed.barrier()
+    if not distributed:
+        return _train(cfg, dev, 0, 1)
+    if dev.type not in ("cuda", "cpu"):
+        raise TrainingError(f"training under torchrun needs CUDA (nccl) or the CPU (gloo), not {dev.type}; "
+                            f"pass --device cpu")
+    torch.distributed.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    ok = False
+    try:
+        metrics = _train(cfg, dev, rank, world)
+        ok = True
+        return metrics
+    finally:
+        if ok:
+            torch.distributed.barrier()  # rank 0 may still be writing: leave together
+        torch.distributed.destroy_process_group()
+
+
+def _load_resume(out: Path) -> tuple[dict, dict, int]:
+    """(resume.pt state, the weights saved with it, batch size of the run that saved them)."""
+    from model import load_checkpoint, load_resume_state
+    state = load_resume_state(out / "resume.pt")
+    needed = ("optimizer", "scheduler", "epoch", "step", "best_val_loss", "running_loss", "running_count", "torch_rng")
+    lacking = [k for k in needed if not isinstance(state, dict) or k not in state]
+    if lacking:
+        raise CheckpointError(f"{out / 'resume.pt'}: not a resume state of this tool (lacks {', '.join(lacking)})")
+    if "model" in state:  # weights saved in the same atomic file as the optimizer: a kill never splits them
+        return state, state.pop("model"), 0
+    weights, meta = load_checkpoint(out / "resume.safetensors")  # resume files written before that
+    return state, weights.state_dict(), int(meta.get("train_config", {}).get("batch_size", 0))
+
+
+def _train(cfg: dict, dev: torch.device, rank: int, world: int) -> dict:
+    is_main = rank == 0
+    distributed = world > 1
+    out = _on_rank0(check_out_dir, cfg, True)
     train, val, split_path, _ = prepare_data(cfg, out, is_main)
     torch.manual_seed(cfg["seed"])
     model = make_model(cfg).to(dev)
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     if distributed and cfg["sync_bn"]:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_sync_bn(model, dev)
     opt = make_optimizer(cfg, model.parameters())
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg["lr_factor"],
                                                        patience=cfg["lr_patience"])
-    start_epoch, start_batch, best_loss, step = 1, 0, math.inf, 0
-    running = [0.0, 0]
+    global_batch = cfg["batch_size"] * world  # images per optimizer step, over all ranks
+    start_epoch, start_sample, best_loss, step = 1, 0, math.inf, 0
+    running = [0.0, 0]  # sum of per-step losses and their count, this rank's (rank 0 also holds a resumed total)
     if cfg["resume"]:
-        from model import load_checkpoint, load_resume_state
-        state = load_resume_state(out / "resume.pt")
-        weights, _ = load_checkpoint(out / "resume.safetensors")
-        model.load_state_dict(weights.state_dict())
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start_epoch, start_batch = int(state["epoch"]), int(state["batch"])
+        # rank 0 reads resume.pt (out_dir need not be shared between machines); every rank gets its content
+        state, weights, saved_bs = _on_rank0(_load_resume, out)
+        try:
+            if state.get("optimizer_class", type(opt).__name__) != type(opt).__name__:
+                raise ValueError(f"saved by {state['optimizer_class']}, this run uses {type(opt).__name__}")
+            model.load_state_dict(weights)
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["torch_rng"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"{out / 'resume.pt'}: does not fit this run (other encoder or optimizer?): "
+                                  f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+        start_epoch = int(state["epoch"])
+        # position in the epoch as samples consumed: valid with any batch size and number of processes
+        # (files from before torchrun support count single-process batches of the saved batch size)
+        start_sample = int(state["samples"]) if "samples" in state else \
+            int(state["batch"]) * (saved_bs or cfg["batch_size"])
         best_loss, step = float(state["best_val_loss"]), int(state["step"])
-        running = [float(state["running_loss"]), int(state["running_count"])]
-        torch.set_rng_state(state["torch_rng"])
-        log.info("resuming %s at epoch %d, batch %d (step %d)", out, start_epoch, start_batch, step)
+        if is_main:
+            running = [float(state["running_loss"]), int(state["running_count"])]
+        saved_gb = int(state.get("global_batch", saved_bs or cfg["batch_size"]))
+        log.info("resuming %s at epoch %d after %d of its training samples (step %d); global batch %d "
+                 "(%d per process x %d)%s", out, start_epoch, start_sample, step, global_batch, cfg["batch_size"],
+                 world, f", was {saved_gb}" if saved_gb != global_batch else "")
     train_model_ = model
     if distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        train_model_ = DDP(model, device_ids=[local_rank] if dev.type == "cuda" else None)
+        train_model_ = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     if cfg["compile"]:
         train_model_ = torch.compile(train_model_)
     images_dev = torch.as_tensor(train.images).to(dev)
@@ -318,42 +376,51 @@ def train_model(cfg: dict) -> dict:
     metrics: dict = {}
     run_cfg = dict(cfg)
 
-    def save_state(epoch: int, batch: int) -> None:
-        """Everything needed to continue exactly here: weights, optimizer, scheduler, position, RNG."""
-        from model import save_checkpoint, save_resume_state
-        save_checkpoint(out / "resume.safetensors", model, checkpoint_meta(run_cfg, split_path, epoch, metrics))
-        save_resume_state(out / "resume.pt", {
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch, "batch": batch,
-            "step": step, "best_val_loss": best_loss, "running_loss": running[0], "running_count": running[1],
-            "torch_rng": torch.get_rng_state()})
+    def save_state(epoch: int, samples: int, running_total: list[float]) -> None:
+        """Everything needed to continue exactly here: weights, optimizer, scheduler, position, RNG.
+        samples: training samples of this epoch already used (any batch size / world size can go on)."""
+        from model import save_resume_state
+        save_resume_state(out / "resume.pt", {  # one file, written atomically: weights, optimizer, position
+            "model": {k: v.detach().to("cpu") for k, v in model.state_dict().items()},
+            "optimizer": opt.state_dict(), "optimizer_class": type(opt).__name__, "scheduler": sched.state_dict(), "epoch": epoch,
+            "batch": samples // global_batch, "samples": samples, "global_batch": global_batch, "world_size": world,
+            "step": step, "best_val_loss": best_loss, "running_loss": float(running_total[0]),
+            "running_count": int(running_total[1]), "torch_rng": torch.get_rng_state()})
 
     interrupted = {"flag": False}
     old_handler = signal.getsignal(signal.SIGINT)
-    if is_main and threading_main():
+    if threading_main():  # under torchrun every rank gets Ctrl-C; they agree on stopping at the next step
         signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True))
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, cfg["epochs"] + 1):
             t0 = time.time()
             idx_all, var_all = expanded_order(len(train), cfg["expand"], epoch_generator(cfg["seed"], epoch))
-            # rank r takes the r-th slice of each global batch (global batch = batch_size * world size)
-            n_batches = len(idx_all) // (cfg["batch_size"] * world)
-            first = start_batch if epoch == start_epoch else 0
+            # the epoch's order is the same for any number of processes; a global batch is global_batch
+            # consecutive draws of it, and rank r takes the r-th slice of batch_size of each
+            offset = start_sample if epoch == start_epoch else 0  # draws already trained on (resume)
+            n_batches = (len(idx_all) - offset) // global_batch
             if epoch != start_epoch or not cfg["resume"]:
                 running = [0.0, 0]
             from tqdm import tqdm
-            bar = tqdm(range(first, n_batches), desc=f"epoch {epoch}/{cfg['epochs']}", unit="batch",
+            bar = tqdm(range(n_batches), desc=f"epoch {epoch}/{cfg['epochs']}", unit="batch",
                        disable=not (cfg["progress"] and is_main), leave=False)
             for b in bar:
-                lo = (b * world + rank) * cfg["batch_size"]
+                lo = offset + b * global_batch + rank * cfg["batch_size"]
                 sel = slice(lo, lo + cfg["batch_size"])
-                x, y = make_batch(idx_all[sel], var_all[sel], epoch_generator(cfg["seed"], epoch, b * world + rank),
+                x, y = make_batch(idx_all[sel], var_all[sel], epoch_generator(cfg["seed"], epoch, lo // cfg["batch_size"]),
                                   images_dev, targets_dev, cfg["channels_last"])
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                     logits = train_model_(x)
                 loss = F.binary_cross_entropy_with_logits(logits.float(), y)
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"the loss became {float(loss)} at epoch {epoch}, batch {b}; training "
+                if distributed:  # one small all-reduce per step: every rank stops at the same step
+                    bad, stop_signal = (v > 0 for v in _sum_over_ranks(
+                        [float(not torch.isfinite(loss)), float(interrupted["flag"])], dev))
+                else:
+                    bad, stop_signal = not torch.isfinite(loss), interrupted["flag"]
+                if bad:
+                    raise TrainingError(f"the loss became {float(loss.detach())} at epoch {epoch}, batch {b}"
+                                        f"{' on one of the processes' if distributed else ''}; training "
                                         f"stopped. The last good checkpoint in {out} is kept. Try a lower --lr")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -362,17 +429,26 @@ def train_model(cfg: dict) -> dict:
                 running[0] += float(loss.detach())
                 running[1] += 1
                 bar.set_postfix(loss=f"{running[0] / running[1]:.4f}")
-                stop_now = interrupted["flag"] or (cfg["max_steps"] and step >= cfg["max_steps"])
+                stop_now = stop_signal or (cfg["max_steps"] and step >= cfg["max_steps"])
                 periodic = cfg["save_every_steps"] and step % cfg["save_every_steps"] == 0
-                if is_main and (stop_now or periodic) and b + 1 < n_batches:
-                    save_state(epoch, b + 1)
+                if (stop_now or periodic) and b + 1 < n_batches:
+                    _check_finite(model, out, f"epoch {epoch}, batch {b}")  # same weights on every rank
+                    running_total = _sum_over_ranks(running, dev)  # every rank takes part; rank 0 saves
+                    if is_main:
+                        save_state(epoch, offset + (b + 1) * global_batch, running_total)
                 if stop_now and b + 1 < n_batches:
-                    why = "interrupted (Ctrl-C)" if interrupted["flag"] else f"max_steps={cfg['max_steps']} reached"
+                    why = "interrupted (Ctrl-C)" if stop_signal else f"max_steps={cfg['max_steps']} reached"
                     log.info("%s: saved a resumable state in %s (continue with --resume)", why, out)
                     return metrics
             bar.close()
-            train_loss = _reduce_mean(running[0] / max(1, running[1]), distributed, dev)
-            val_loss, metrics, _ = validate(model, val, dev, cfg)
+            running_total = _sum_over_ranks(running, dev)
+            train_loss = running_total[0] / max(1, running_total[1])
+            val_loss, metrics, _ = validate(model, val, dev, cfg, rank, world)  # the same on every rank
+            if not (math.isfinite(val_loss) and math.isfinite(train_loss)):
+                raise TrainingError(f"the loss became non-finite in epoch {epoch} (train {train_loss}, validation "
+                                    f"{val_loss}); training stopped. The last good checkpoint in {out} is kept. "
+                                    f"Try a lower --lr")
+            _check_finite(model, out, f"the end of epoch {epoch}")
             sched.step(val_loss)
             row = {"epoch": epoch, "train_loss": f"{train_loss:.6f}", "val_loss": f"{val_loss:.6f}",
                    "val_dice": f"{metrics['dice']:.4f}", "val_iou": f"{metrics['iou']:.4f}",
@@ -383,35 +459,132 @@ def train_model(cfg: dict) -> dict:
             log.info("epoch %d: train loss %.4f, val loss %.4f, val lesion Dice %.4f IoU %.4f, accuracy %.3f, lr %s, %.0fs",
                      epoch, train_loss, val_loss, metrics["dice"], metrics["iou"], metrics["accuracy"], row["lr"],
                      time.time() - t0)
+            improved = val_loss < best_loss
+            best_loss = min(best_loss, val_loss)
+            running = [0.0, 0]
             if is_main:
                 from model import save_checkpoint
                 rows.append(row)
                 meta = checkpoint_meta(run_cfg, split_path, epoch, metrics)
-                if val_loss < best_loss:
-                    best_loss = val_loss
+                if improved:
                     save_checkpoint(out / "best.safetensors", model, meta)
                 save_checkpoint(out / "last.safetensors", model, meta)
-                running = [0.0, 0]
-                save_state(epoch + 1, 0)
                 write_log(log_path, rows)
                 plot_losses(rows, graph, f"{out.name}: {cfg['encoder']} UNet, {cfg['image_size']}px")
+                save_state(epoch + 1, 0, running)  # last: a kill before this redoes the end of the epoch
+            if distributed:
+                interrupted["flag"] = _sum_over_ranks([float(interrupted["flag"])], dev)[0] > 0
             if interrupted["flag"] or (cfg["max_steps"] and step >= cfg["max_steps"]):
                 log.info("stopped after epoch %d; continue with --resume", epoch)
                 break
     finally:
-        if is_main and threading_main():
+        if threading_main():
             signal.signal(signal.SIGINT, old_handler)
-        if distributed:
-            torch.distributed.destroy_process_group()
     return metrics
 
 
-def _reduce_mean(value: float, distributed: bool, dev) -> float:
-    if not distributed:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=dev)
+def _check_finite(model, out: Path, where: str) -> None:
+    """Stop before saving weights that hold NaN or infinity (the previous checkpoints stay as they are)."""
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise TrainingError(f"the weights became non-finite at {where} (e.g. {bad[0]}); training stopped. The last "
+                            f"good checkpoint in {out} is kept. Try a lower --lr")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torchrun / DistributedDataParallel helpers (all of them are no-ops in a plain single process)
+# ---------------------------------------------------------------------------------------------------------
+
+def _dist_ready() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _sum_over_ranks(values: list[float], dev) -> list[float]:
+    """Element-wise sum over all ranks (float64); the values themselves outside torchrun."""
+    if not _dist_ready():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=dev)
     torch.distributed.all_reduce(t)
-    return float(t) / torch.distributed.get_world_size()
+    return t.tolist()
+
+
+_SHARED_ERRORS = (DataError, CheckpointError, WeightsUnavailableError)  # + TrainingError, defined above
+
+
+def _on_rank0(fn, *args):
+    """Run fn on rank 0 only and hand its result to every rank (rank 0's files need not be visible to the
+    other machines). An expected error on rank 0 (bad out_dir, bad split file) is raised on every rank, so
+    that all of them stop with rank 0's message instead of waiting for it."""
+    if not _dist_ready():
+        return fn(*args)
+    box = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            box[0] = ("ok", fn(*args))
+        except (TrainingError, *_SHARED_ERRORS) as e:
+            box[0] = ("error", type(e).__name__, str(e))
+    torch.distributed.broadcast_object_list(box, src=0)
+    if box[0][0] == "error":
+        cls = {c.__name__: c for c in (TrainingError, *_SHARED_ERRORS)}[box[0][1]]
+        err = cls(box[0][2])
+        err.from_rank0 = True  # main() lets rank 0 alone report it
+        raise err
+    return box[0][1]
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Differentiable all-reduce (sum): the gradient of every rank's loss reaches every rank's inputs."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        torch.distributed.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad)
+        return grad
+
+
+class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the global batch over all ranks: SyncBatchNorm
+    for CPU/gloo, which torch.nn.SyncBatchNorm does not support. Two differentiable all-reduces per layer
+    (mean, then centred sum of squares), so the gradient flows through the statistics of every rank's
+    images, as in SyncBatchNorm. Same parameters and buffers as BatchNorm2d (checkpoints are unchanged)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and _dist_ready() and torch.distributed.get_world_size() > 1):
+            return super().forward(x)
+        all_reduce = _SumOverRanks.apply
+        c = x.shape[1]
+        n = torch.tensor([x.numel() // c], dtype=torch.float64, device=x.device)
+        torch.distributed.all_reduce(n)
+        count = float(n)
+        mean = all_reduce(x.sum((0, 2, 3))) / count
+        centred = x - mean.view(1, c, 1, 1)
+        var = all_reduce((centred * centred).sum((0, 2, 3))) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * (count / max(1.0, count - 1)), alpha=m)
+        y = centred * torch.rsqrt(var + self.eps).view(1, c, 1, 1)
+        if self.affine:
+            y = y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
+        return y
+
+
+def convert_sync_bn(model: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
+    """BatchNorm layers -> global-batch statistics: torch's SyncBatchNorm on CUDA, GlobalBatchNorm2d else."""
+    if dev.type == "cuda":
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for m in model.modules():
+        if type(m) is torch.nn.BatchNorm2d:
+            m.__class__ = GlobalBatchNorm2d
+    return model
 
 
 def threading_main() -> bool:
@@ -423,6 +596,9 @@ def _device(name: str, local_rank: int, distributed: bool) -> torch.device:
     from predict import pick_device
     dev = pick_device(name)
     if dev.type == "cuda" and distributed:
+        if local_rank >= torch.cuda.device_count():
+            raise TrainingError(f"LOCAL_RANK {local_rank} but this machine has {torch.cuda.device_count()} CUDA "
+                                f"device(s); use --nproc_per_node {torch.cuda.device_count()} or fewer")
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return dev
@@ -447,7 +623,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train_model(cfg)
     except (DataError, CheckpointError, WeightsUnavailableError, TrainingError) as e:
-        log.error("%s", e)
+        if not getattr(e, "from_rank0", False) or rank == 0:  # rank 0's errors are reported once, by rank 0
+            log.error("%s%s", f"rank {rank}: " if dist_info()[1] > 1 and rank else "", e)
+        return 1
+    except OSError as e:  # e.g. the disk filled up while saving: files are written atomically, earlier ones stay
+        log.error("%s: cannot write (%s); training stopped, the files written before are kept; continue with "
+                  "--resume once there is room", e.filename or cfg["out_dir"], e.strerror or e)
         return 1
     return 0
 
