@@ -578,7 +578,7 @@ def report(args, dev, ceil: dict, flops: dict, r: dict) -> dict:
     return {"ceiling": ceil, "flops": flops, "paths": r}
 
 
-QUICK = dict(image_size=64, batch_size=2, n_images=6, warmup=1, train_steps=2, infer_images=4, infer_repeats=1,
+QUICK = dict(threads=1, image_size=64, batch_size=2, n_images=6, warmup=1, train_steps=2, infer_images=4, infer_repeats=1,
              latency_runs=2, pipeline_batches=2, sgemm_n=256, ceiling_reps=2, conv_channels=16, conv_size=32)
 
 

@@ -268,11 +268,12 @@ def _num(v, width: int = 8, digits: int = 4) -> str:
 
 
 def format_table(summary: dict) -> str:
-    lines = [f"{'metric':<22}{'subset':<8}{'mean':>8}{'std':>8}{'median':>8}{'n':>6}"]
+    lines = [f"{'metric':<20}{'subset':<8}{'mean':>10}{'std':>10}{'median':>10}{'n':>6}"]
     for subset in ("lesion", "all"):
         for key in METRIC_KEYS:
             st = summary[subset][key]
-            lines.append(f"{key:<22}{subset:<8}{_num(st['mean'])}{_num(st['std'])}{_num(st['median'])}{st['n']:>6}")
+            lines.append(f"{key:<20}{subset:<8}{_num(st['mean'], 10)}{_num(st['std'], 10)}{_num(st['median'], 10)}"
+                         f"{st['n']:>6}")
     for subset in ("lesion", "all"):
         e = summary[subset]["empty_masks"]
         if e["n"]:
@@ -395,7 +396,7 @@ def plot_gallery(path: Path, rows: list[dict], data: LoadedSet, pred_masks: dict
     index = {s.key: i for i, s in enumerate(data.samples)}
     cols = min(max(k, 1), 6)
     nrows = -(-len(picks) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3 * cols, 3 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3 * cols, 3.4 * nrows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, (kind, r) in zip(axes.flat, picks):
@@ -600,11 +601,13 @@ def load_eval_set(cfg: dict, meta: dict) -> tuple[LoadedSet, dict]:
 
 
 def default_out_dir(cfg: dict, split_: str) -> Path:
+    """<checkpoint folder>/eval for the checkpoint's own validation split; eval_<split> for another part of
+    its own data; eval_<data name>_<split> for data given on the command line."""
     parent = Path(cfg["checkpoint"]).parent
-    if not _own_data(cfg) and split_ == "val":
-        return parent / "eval"
-    data = Path(cfg["manifest"] or cfg["data_dir"] or cfg["path_to_images"] or "data")
-    name = data.stem if cfg["manifest"] else data.name
+    if not _own_data(cfg):
+        return parent / ("eval" if split_ == "val" else f"eval_{split_}")
+    data = Path(cfg["manifest"] or cfg["data_dir"] or cfg["path_to_images"])
+    name = data.stem if cfg["manifest"] else data.resolve().name
     return parent / f"eval_{name or 'data'}_{split_}"
 
 

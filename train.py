@@ -126,6 +126,9 @@ def check_out_dir(cfg: dict, is_main: bool) -> Path:
 
 def prepare_data(cfg: dict, out: Path, is_main: bool = True):
     """Discover, decode into memory, drop duplicates, split. Returns (train set, val set, split path, split)."""
+    if cfg["folds"] < 0 or cfg["folds"] == 1 or (cfg["folds"] and not 0 <= cfg["fold"] < cfg["folds"]):
+        raise DataError(f"folds must be 0 (one train/validation split) or K >= 2 with 0 <= fold < K; got "
+                        f"folds={cfg['folds']}, fold={cfg['fold']}")
     samples = dataset.discover(cfg["data_dir"], cfg["path_to_images"], cfg["path_to_masks"], cfg["manifest"],
                                cfg["default_label"])
     loaded = dataset.load_set(samples, cfg["image_size"], progress=cfg["progress"] and is_main)
@@ -135,7 +138,13 @@ def prepare_data(cfg: dict, out: Path, is_main: bool = True):
     # rank 0 reads (or makes and writes) the split file; under torchrun the other ranks receive its split
     split = _on_rank0(dataset.load_or_make_split, split_path, loaded.samples, cfg["val_fraction"], cfg["seed"],
                       cfg["folds"], report)
-    train_keys, val_keys = dataset.select_fold(split, cfg["fold"])
+    if "folds" not in split and cfg["fold"] != 0:
+        raise DataError(f"fold={cfg['fold']} was asked but {split_path} holds one train/validation split, not "
+                        f"folds; pass --folds K (with a new split_file or out_dir)")
+    try:
+        train_keys, val_keys = dataset.select_fold(split, cfg["fold"])
+    except ValueError as e:  # fold out of range
+        raise DataError(f"{split_path}: {e}") from None
     index = {s.key: i for i, s in enumerate(loaded.samples)}
     train = loaded.subset([index[k] for k in train_keys if k in index])
     val = loaded.subset([index[k] for k in val_keys if k in index])
@@ -335,7 +344,8 @@ def _train(cfg: dict, dev: torch.device, rank: int, world: int) -> dict:
                                                        patience=cfg["lr_patience"])
     global_batch = cfg["batch_size"] * world  # images per optimizer step, over all ranks
     start_epoch, start_sample, best_loss, step = 1, 0, math.inf, 0
-    running = [0.0, 0]  # sum of per-step losses and their count, this rank's (rank 0 also holds a resumed total)
+    running = [0.0, 0]  # this rank's sum of per-step losses and their count, in this epoch and this session
+    carried = [0.0, 0]  # the same of the epoch's steps before a resume (global steps: identical on all ranks)
     if cfg["resume"]:
         # rank 0 reads resume.pt (out_dir need not be shared between machines); every rank gets its content
         state, weights, saved_bs = _on_rank0(_load_resume, out)
@@ -355,8 +365,7 @@ def _train(cfg: dict, dev: torch.device, rank: int, world: int) -> dict:
         start_sample = int(state["samples"]) if "samples" in state else \
             int(state["batch"]) * (saved_bs or cfg["batch_size"])
         best_loss, step = float(state["best_val_loss"]), int(state["step"])
-        if is_main:
-            running = [float(state["running_loss"]), int(state["running_count"])]
+        carried = [float(state["running_loss"]), int(state["running_count"])]
         saved_gb = int(state.get("global_batch", saved_bs or cfg["batch_size"]))
         log.info("resuming %s at epoch %d after %d of its training samples (step %d); global batch %d "
                  "(%d per process x %d)%s", out, start_epoch, start_sample, step, global_batch, cfg["batch_size"],
@@ -387,6 +396,12 @@ def _train(cfg: dict, dev: torch.device, rank: int, world: int) -> dict:
             "step": step, "best_val_loss": best_loss, "running_loss": float(running_total[0]),
             "running_count": int(running_total[1]), "torch_rng": torch.get_rng_state()})
 
+    def epoch_loss_total() -> list[float]:
+        """(sum of the per-step training losses of this epoch, number of steps), a step's loss being the
+        mean over the ranks' batches: the same numbers as one process with the whole global batch."""
+        total = _sum_over_ranks(running, dev)
+        return [carried[0] + total[0] / world, carried[1] + round(total[1] / world)]
+
     interrupted = {"flag": False}
     old_handler = signal.getsignal(signal.SIGINT)
     if threading_main():  # under torchrun every rank gets Ctrl-C; they agree on stopping at the next step
@@ -401,7 +416,8 @@ def _train(cfg: dict, dev: torch.device, rank: int, world: int) -> dict:
             offset = start_sample if epoch == start_epoch else 0  # draws already trained on (resume)
             n_batches = (len(idx_all) - offset) // global_batch
             if epoch != start_epoch or not cfg["resume"]:
-                running = [0.0, 0]
+                carried = [0.0, 0]
+            running = [0.0, 0]
             from tqdm import tqdm
             bar = tqdm(range(n_batches), desc=f"epoch {epoch}/{cfg['epochs']}", unit="batch",
                        disable=not (cfg["progress"] and is_main), leave=False)
@@ -433,7 +449,7 @@ def _train(cfg: dict, dev: torch.device, rank: int, world: int) -> dict:
                 periodic = cfg["save_every_steps"] and step % cfg["save_every_steps"] == 0
                 if (stop_now or periodic) and b + 1 < n_batches:
                     _check_finite(model, out, f"epoch {epoch}, batch {b}")  # same weights on every rank
-                    running_total = _sum_over_ranks(running, dev)  # every rank takes part; rank 0 saves
+                    running_total = epoch_loss_total()  # every rank takes part; rank 0 saves
                     if is_main:
                         save_state(epoch, offset + (b + 1) * global_batch, running_total)
                 if stop_now and b + 1 < n_batches:
@@ -441,7 +457,7 @@ def _train(cfg: dict, dev: torch.device, rank: int, world: int) -> dict:
                     log.info("%s: saved a resumable state in %s (continue with --resume)", why, out)
                     return metrics
             bar.close()
-            running_total = _sum_over_ranks(running, dev)
+            running_total = epoch_loss_total()
             train_loss = running_total[0] / max(1, running_total[1])
             val_loss, metrics, _ = validate(model, val, dev, cfg, rank, world)  # the same on every rank
             if not (math.isfinite(val_loss) and math.isfinite(train_loss)):
@@ -548,42 +564,71 @@ class _SumOverRanks(torch.autograd.Function):
         return grad
 
 
+def _sync_bn_now(bn: torch.nn.Module) -> bool:
+    return bn.training and _dist_ready() and torch.distributed.get_world_size() > 1
+
+
+def _global_batch_norm(bn: torch.nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    """Batch normalization of x (N x C x H x W) with the mean and variance of the global batch over all ranks,
+    updating bn's running statistics as BatchNorm does (unbiased variance). Two differentiable all-reduces
+    (mean, then centred sum of squares), so the gradient flows through every rank's images, as in
+    torch.nn.SyncBatchNorm."""
+    c = x.shape[1]
+    n = torch.tensor([x.numel() // c], dtype=torch.float64, device=x.device)
+    torch.distributed.all_reduce(n)
+    count = float(n)
+    mean = _SumOverRanks.apply(x.sum((0, 2, 3))) / count
+    centred = x - mean.view(1, c, 1, 1)
+    var = _SumOverRanks.apply((centred * centred).sum((0, 2, 3))) / count
+    if bn.track_running_stats:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            bn.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            bn.running_var.mul_(1 - m).add_(var.detach() * (count / max(1.0, count - 1)), alpha=m)
+    y = centred * torch.rsqrt(var + bn.eps).view(1, c, 1, 1)
+    if bn.affine:
+        y = y * bn.weight.view(1, c, 1, 1) + bn.bias.view(1, c, 1, 1)
+    return y
+
+
 class GlobalBatchNorm2d(torch.nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics are those of the global batch over all ranks: SyncBatchNorm
-    for CPU/gloo, which torch.nn.SyncBatchNorm does not support. Two differentiable all-reduces per layer
-    (mean, then centred sum of squares), so the gradient flows through the statistics of every rank's
-    images, as in SyncBatchNorm. Same parameters and buffers as BatchNorm2d (checkpoints are unchanged)."""
+    """BatchNorm2d with the statistics of the global batch while training under torchrun: SyncBatchNorm for
+    CPU/gloo, which torch.nn.SyncBatchNorm does not support. Same parameters and buffers as BatchNorm2d, so
+    checkpoints are unchanged; a plain BatchNorm2d outside training or outside torchrun."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and _dist_ready() and torch.distributed.get_world_size() > 1):
-            return super().forward(x)
-        all_reduce = _SumOverRanks.apply
-        c = x.shape[1]
-        n = torch.tensor([x.numel() // c], dtype=torch.float64, device=x.device)
-        torch.distributed.all_reduce(n)
-        count = float(n)
-        mean = all_reduce(x.sum((0, 2, 3))) / count
-        centred = x - mean.view(1, c, 1, 1)
-        var = all_reduce((centred * centred).sum((0, 2, 3))) / count
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                self.running_var.mul_(1 - m).add_(var.detach() * (count / max(1.0, count - 1)), alpha=m)
-        y = centred * torch.rsqrt(var + self.eps).view(1, c, 1, 1)
-        if self.affine:
-            y = y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
-        return y
+        return _global_batch_norm(self, x) if _sync_bn_now(self) else super().forward(x)
+
+
+_GLOBAL_NORM_ACT: dict[type, type] = {}
+
+
+def _global_norm_act_class(cls: type) -> type:
+    """The same for timm's BatchNormAct2d (efficientnet-lite0): normalization, then its drop and act."""
+    if cls not in _GLOBAL_NORM_ACT:
+        def forward(self, x):
+            return self.act(self.drop(_global_batch_norm(self, x))) if _sync_bn_now(self) else cls.forward(self, x)
+        _GLOBAL_NORM_ACT[cls] = type(f"Global{cls.__name__}", (cls,), {"forward": forward})
+    return _GLOBAL_NORM_ACT[cls]
 
 
 def convert_sync_bn(model: torch.nn.Module, dev: torch.device) -> torch.nn.Module:
-    """BatchNorm layers -> global-batch statistics: torch's SyncBatchNorm on CUDA, GlobalBatchNorm2d else."""
+    """BatchNorm layers -> global-batch statistics: SyncBatchNorm on CUDA (timm's converter, which also turns
+    its BatchNormAct2d into SyncBatchNormAct instead of dropping the activation), GlobalBatchNorm2d on CPU."""
     if dev.type == "cuda":
-        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        try:
+            from timm.layers import convert_sync_batchnorm
+        except ImportError:
+            convert_sync_batchnorm = torch.nn.SyncBatchNorm.convert_sync_batchnorm
+        return convert_sync_batchnorm(model)
     for m in model.modules():
         if type(m) is torch.nn.BatchNorm2d:
             m.__class__ = GlobalBatchNorm2d
+        elif isinstance(m, torch.nn.BatchNorm2d) and hasattr(m, "act") and hasattr(m, "drop"):
+            m.__class__ = _global_norm_act_class(type(m))
+        elif isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            raise TrainingError(f"--sync_bn on the CPU does not support {type(m).__name__} layers")
     return model
 
 

@@ -9,8 +9,12 @@ Precision: the runs are made in float64 (a wrapper turns the model to double; no
 in float32 this untrained UNet is too ill-conditioned for a useful comparison: its float32 gradients differ
 from float64 ones by ~0.3% (2% for the worst tensor) from summation order alone, and RMSprop's first steps
 move each weight by about 10 x lr x sign(gradient), so near-zero gradients flip whole lr-sized steps. A
-float32 tolerance loose enough for that (~1e-2) would also pass a broken implementation; in float64 the
-distributed and single-process runs agree to ~1e-12 (measured), and TOL below leaves room for other BLAS.
+float32 tolerance loose enough for that (~1e-2) would also pass a broken implementation (per-rank BatchNorm
+statistics, a shifted batch). In float64 the gradients of the two runs agree to ~1e-14 (relative); RMSprop's
+update lr * g / sqrt(v) is scale-free in g, so the relative error of the smallest, most cancelling gradient
+elements turns into absolute weight differences of up to ~lr x that error: measured ~1e-10 after 3 steps and
+~4e-9 after 5 steps. TOL = 1e-6 leaves a wide margin for other BLAS builds and stays ~1000x below the ~1e-3
+(one lr) of a real mistake.
 """
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TOL = 1e-8          # max |difference| of any weight / buffer, float64 runs (measured ~1e-12)
+TOL = 1e-6          # max |difference| of any weight / BatchNorm buffer, float64 runs (measured <= 4e-9)
 B, STEPS = 2, 5     # per-rank batch; 15 training images -> 3 global batches of 4 per epoch
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),

@@ -517,6 +517,20 @@ def test_kfold_split_through_train(tree_with_duplicates, tmp_path):
     assert dataset.make_split(kept, seed=42, folds=3)["folds"] == folds
 
 
+def test_kfold_settings_errors(tree_with_duplicates, tmp_path):
+    """Bad fold settings stop before any training, with a message instead of a traceback."""
+    import train
+    from dataset import DataError
+    base = dict(data_dir=str(tree_with_duplicates), image_size=32, progress=False)
+    for folds, fold in ((3, 3), (3, -1), (1, 0), (-2, 0)):
+        with pytest.raises(DataError, match="folds"):
+            train.prepare_data(train.default_settings(**base, folds=folds, fold=fold,
+                                                      split_file=str(tmp_path / f"s{folds}{fold}.json")), tmp_path)
+    # --fold without --folds on a plain train/validation split would silently train on the wrong images
+    with pytest.raises(DataError, match="not folds"):
+        train.prepare_data(train.default_settings(**base, fold=2, split_file=str(tmp_path / "plain.json")), tmp_path)
+
+
 def test_evaluate_all_drops_duplicates(trained_run, tree_with_duplicates, tmp_path):
     """--data_dir other data: every image (split auto -> all), duplicates resolved as in training."""
     rc = ev.main(["--checkpoint", str(trained_run / "last.safetensors"), "--data_dir", str(tree_with_duplicates),

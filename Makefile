@@ -1,0 +1,30 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   creates .venv, installs requirements, trains on synthetic phantoms, predicts, evaluates
+#   make test   creates .venv, installs requirements, runs the test suite (what CI runs)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.PHONY: install test demo clean-demo
+
+$(BIN)/.installed: requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	touch $@
+
+install: $(BIN)/.installed
+
+test: install
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+
+demo: install
+	$(BIN)/python phantom.py --out runs/demo/phantoms --per-class 20 --seed 7
+	$(BIN)/python train.py --data_dir runs/demo/phantoms --out_dir runs/demo/run --loss_graph_dir runs/demo \
+		--overwrite --epochs 8 --image_size 128 --expand 2 --optimizer adam
+	$(BIN)/python predict.py runs/demo/phantoms/malignant --checkpoint runs/demo/run/best.safetensors \
+		--out_dir runs/demo/predictions
+	$(BIN)/python evaluate.py --checkpoint runs/demo/run/best.safetensors --out_dir runs/demo/eval
+
+clean-demo:
+	rm -rf runs/demo

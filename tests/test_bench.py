@@ -1,0 +1,46 @@
+"""bench.py runs with tiny settings and prints every line it promises (speed itself is not tested here)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_quick_prints_every_line(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import bench
+    out_json = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--quick", "--json", str(out_json)],
+                          capture_output=True, text=True, cwd=str(ROOT), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout
+    for line in bench.LINES:
+        assert any(l.startswith(line) for l in text.splitlines()), f"missing line {line!r} in:\n{text}"
+    rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]]
+            for l in text.splitlines() if l.startswith("| ") and not l.startswith("| metric")}
+    for metric in ("training images/s", "batched inference images/s", "single-image latency ms",
+                   "data pipeline images/s"):
+        project, naive, ratio = rows[metric][:3]
+        assert float(project) > 0 and float(naive) > 0 and ratio.endswith("x")
+    assert float(rows["batched inference images/s"][-1]) > 0  # ONNX Runtime column
+    assert "max |probability difference| vs PyTorch" in text
+    result = json.loads(out_json.read_text())
+    assert {"project", "naive", "onnx"} <= set(result["paths"])
+    assert result["flops"]["train_gflop"] > result["flops"]["forward_gflop"] > 0
+    assert result["paths"]["onnx"]["max_prob_diff"] <= 1e-4
+
+
+def test_bench_worker_process_reports_a_result():
+    """The per-path process that a full run starts (so each path's peak memory is its own)."""
+    import bench
+    proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--quick", "--worker", "naive"],
+                          capture_output=True, text=True, cwd=str(ROOT), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [l for l in proc.stdout.splitlines() if l.startswith(bench.RESULT_TAG)][-1]
+    res = json.loads(line[len(bench.RESULT_TAG):])
+    assert res["train_ips"] > 0 and res["pipeline_ips"] > 0 and res["memory"]["rss_mib"] > 0
