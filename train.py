@@ -108,6 +108,11 @@ def check_out_dir(cfg: dict, is_main: bool) -> Path:
                             f"--overwrite to start again there, or another --out_dir")
     if cfg["resume"] and not (out / "resume.pt").exists():
         raise TrainingError(f"{out}/resume.pt: nothing to resume")
+    stale = [p for p in out.glob("*.tmp") if p.name.startswith(("best.", "last.", "resume.", "log.", "split."))]
+    for p in stale:  # half-written temporary files of a killed run (the real files were never touched)
+        p.unlink(missing_ok=True)
+    if stale:
+        log.info("%s: removed %d unfinished temporary file(s) of an interrupted run", out, len(stale))
     for folder in (out, Path(cfg["loss_graph_dir"])):
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -373,7 +378,11 @@ def _train(cfg: dict, dev: torch.device, rank: int, world: int) -> dict:
     train_model_ = model
     if distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
-        train_model_ = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        # static_graph: some encoders hold parameters the UNet never uses (efficientnet-lite0's conv_head);
+        # DDP must know, or it leaves their bucket un-averaged and fails on the next step
+        train_model_ = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, static_graph=True)
+        if rank:  # stochastic layers (drop path) draw different numbers on each rank; rank 0 keeps its stream
+            torch.manual_seed((cfg["seed"] * 1_000_003 + step) * 1_000_003 + rank)
     if cfg["compile"]:
         train_model_ = torch.compile(train_model_)
     images_dev = torch.as_tensor(train.images).to(dev)

@@ -479,7 +479,7 @@ def test_resume_state_refuses_pickled_code(tmp_path):
             return (open, (str(marker), "w"))
 
     p = tmp_path / "resume.pt"
-    p.write_bytes(pickle.dumps({"optimizer": Evil()}))
+    p.write_bytes(pickle.dumps({"optimizer": Evil()}, protocol=2))
     with pytest.raises(CheckpointError) as e:
         model_mod.load_resume_state(p)
     assert str(p) in str(e.value)
@@ -498,7 +498,7 @@ def test_encoder_weights_file_refuses_pickled_code(tmp_path):
             return (open, (str(marker), "w"))
 
     p = tmp_path / "enc.pt"
-    p.write_bytes(pickle.dumps({"conv1.weight": Evil()}))
+    p.write_bytes(pickle.dumps({"conv1.weight": Evil()}, protocol=2))
     with pytest.raises(CheckpointError) as e:
         model_mod.read_state_dict(p)
     assert str(p) in str(e.value) and not marker.exists()
@@ -675,6 +675,18 @@ def test_disk_filling_up_during_training_is_a_clear_error(tmp_path, small_tree, 
     assert not [p for p in run.iterdir() if p.suffix == ".tmp"]
 
 
+def test_bad_training_data_is_a_clear_error_from_train_main(tmp_path, caplog):
+    import train
+    root = _busi(tmp_path / "d", per_class=2)
+    bad = root / "normal" / "normal (2).png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    code = train.main(["--data_dir", str(root), "--out_dir", str(tmp_path / "run"), "--loss_graph_dir",
+                       str(tmp_path / "lg"), "--no-progress", "--device", "cpu"])
+    assert code == 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any(str(bad) in m and "truncated" in m for m in errors), errors
+
+
 class _LossProxy:
     """Stands in for train.F: the training loss turns NaN from the `bad_from`-th step on."""
 
@@ -692,7 +704,7 @@ class _LossProxy:
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, small_tree, monkeypatch):
     import train
-    cfg = _cfg(small_tree, tmp_path, epochs=3, save_every_steps=1)
+    cfg = _cfg(small_tree, tmp_path, epochs=2, save_every_steps=1)
     run = Path(cfg["out_dir"])
     # 9 training images, batch 4: 2 steps per epoch; the 4th step (epoch 2, batch 1) goes NaN
     monkeypatch.setattr(train, "F", _LossProxy(bad_from=4))
@@ -711,7 +723,7 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, sm
     # the run can be continued (with the loss back to normal) from the last good state
     monkeypatch.setattr(train, "F", torch.nn.functional)
     train.train_model({**cfg, "resume": True})
-    assert [int(r["epoch"]) for r in train.read_log(run / "log.csv")] == [1, 2, 3]
+    assert [int(r["epoch"]) for r in train.read_log(run / "log.csv")] == [1, 2]
 
 
 def test_non_finite_weights_are_never_saved(tmp_path, small_tree, monkeypatch):
@@ -804,6 +816,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(tmp_path, small_tr
     model_mod.load_resume_state(killed / "resume.pt")   # what the kill left is loadable
     model_mod.load_checkpoint(killed / "last.safetensors")
     settings = dict(epochs=2, expand=2, save_every_steps=1)
+    (killed / "resume.pt.k1ll3d.tmp").write_bytes(b"half a file")  # what a kill during a save leaves
     assert train.main(_train_cmd(small_tree, killed, "--resume")[2:]) == 0
     assert train.train_model(_cfg(small_tree, tmp_path / "ref", **settings))  # the uninterrupted run
     ref = tmp_path / "ref" / "run"
@@ -815,3 +828,4 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_weights(tmp_path, small_tr
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert strip(train.read_log(ref / "log.csv")) == strip(train.read_log(killed / "log.csv"))
     assert len(train.read_log(ref / "log.csv")) == 2
+    assert not list(killed.glob("*.tmp"))
