@@ -59,6 +59,8 @@ def predict_logits(model: torch.nn.Module, images: np.ndarray | torch.Tensor, de
                    batch_size: int = 8, tta: bool = False, channels_last: bool = True) -> torch.Tensor:
     """Lesion logits at network resolution for uint8 images N x 1 x S x S: N x C x S x S (float32, on CPU).
     With tta, the logits of the image and of its mirror image are averaged."""
+    if isinstance(images, np.ndarray) and not images.flags.writeable:
+        images = images.copy()  # arrays straight from PIL are read-only
     images = torch.as_tensor(images)
     out = []
     for i in range(0, images.shape[0], batch_size):

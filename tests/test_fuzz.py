@@ -11,13 +11,11 @@ under a minute).
 from __future__ import annotations
 
 import io
-import math
 import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
