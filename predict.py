@@ -31,7 +31,7 @@ from dataset import (CLASS_NAMES, IMAGE_EXTENSIONS, LESION_CLASSES, DataError, _
 log = logging.getLogger("predict")
 
 # ---- settings (edit here, or override on the command line: --threshold 0.4)
-path_to_image = ""                                          # image file, folder or glob; several joined by ';'
+path_to_image = "samples"                                   # image file, folder or glob; several joined by ";" (default: the phantom samples)
 checkpoint = "checkpoints/busi_unet_resnet18.safetensors"   # trained model (.safetensors) to use
 out_dir = "sample_predictions"                              # where masks, overlays and predictions.csv go
 threshold = -1.0                                            # lesion probability threshold; < 0 uses the checkpoint's

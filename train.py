@@ -5,6 +5,7 @@
     python train.py --path_to_images imgs/ --path_to_masks masks/
     python train.py --resume                                     # continue out_dir exactly where it stopped
     python train.py --init_from runs/resnet18/best.safetensors --out_dir runs/retrained
+    torchrun --standalone --nproc_per_node 4 train.py --data_dir data/BUSI --batch_size 2 --sync_bn   # 4 GPUs
 
 Defaults are the original recipe: 256x256 grey images normalized with mean 0.5 / std 0.5, the training set
 expanded 7x by augmentation, RMSProp lr 1e-3, pixel-wise binary cross-entropy, ReduceLROnPlateau (x0.1
@@ -14,7 +15,10 @@ out_dir receives: best.safetensors (lowest validation loss), last.safetensors (e
 (weights, optimizer, scheduler, position, RNG: one file loaded with weights_only=True), split.json, log.csv;
 the loss graph goes to loss_graph/<run>.png. Every file is written atomically (temporary file, fsync,
 rename), resume.pt last, so a kill at any moment leaves a run that --resume continues exactly.
-Ctrl-C saves a resumable state. Under torchrun the same script trains with DistributedDataParallel.
+Ctrl-C saves a resumable state. Under torchrun the same script trains with DistributedDataParallel (nccl on
+CUDA, gloo on CPU): batch_size is per process, so one step sees batch_size x processes images, taken in
+the same order as one process would; validation is split over the processes and gathered; only rank 0
+writes files; --resume continues with any number of processes.
 """
 from __future__ import annotations
 
@@ -58,7 +62,7 @@ encoder_weights = ""          # '' (none), 'imagenet', or a file with an encoder
 init_from = ""                # checkpoint whose weights start this run ("retrained from previous weights")
 image_size = 256              # network input size (the shipped recipe may train at 128 first)
 epochs = 200                  # total number of epochs
-batch_size = 8                # images per step
+batch_size = 8                # images per step (under torchrun: per process; a step sees batch_size x processes)
 lr = 0.001                    # learning rate
 optimizer = "rmsprop"         # rmsprop (the original), adam, adamw
 weight_decay = 0.0            # L2 penalty
@@ -71,7 +75,7 @@ amp = True                    # bf16 autocast on CUDA
 channels_last = True          # channels_last memory format
 compile = False               # torch.compile the model (pays only for long runs)
 num_threads = 0               # CPU threads for torch (0: torch's default)
-sync_bn = False               # SyncBatchNorm under torchrun
+sync_bn = False               # under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)
 resume = False                # continue the run in out_dir from resume.pt
 overwrite = False             # allow starting a new run in an out_dir that already holds one
 max_steps = 0                 # stop after this many optimizer steps in total (0: no limit; for tests)

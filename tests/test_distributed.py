@@ -13,8 +13,9 @@ float32 tolerance loose enough for that (~1e-2) would also pass a broken impleme
 statistics, a shifted batch). In float64 the gradients of the two runs agree to ~1e-14 (relative); RMSprop's
 update lr * g / sqrt(v) is scale-free in g, so the relative error of the smallest, most cancelling gradient
 elements turns into absolute weight differences of up to ~lr x that error: measured ~1e-10 after 3 steps and
-~4e-9 after 5 steps. TOL = 1e-6 leaves a wide margin for other BLAS builds and stays ~1000x below the ~1e-3
-(one lr) of a real mistake.
+~4e-9 after 5 steps. TOL = 1e-6 leaves a wide margin for other BLAS builds and stays far below a real
+mistake: one weight moved by one lr step is 1e-3; the same torchrun run without --sync_bn (per-rank
+BatchNorm statistics) differs by 20 after 3 steps (running variances included).
 """
 from __future__ import annotations
 
@@ -164,6 +165,8 @@ def test_torchrun_matches_single_process(runs):
     assert {"best.safetensors", "last.safetensors", "log.csv", "resume.pt", "split.json"} <= set(names)
     assert not [n for n in names if n.endswith(".tmp") or n.startswith(".")]
     assert [p.name for p in (tmp / "ddp_graph").iterdir()] == ["ddp.png"]
+    assert {p.name for p in tmp.iterdir()} <= {"ddp", "ddp_graph", "ref", "ref_graph", "res", "res_graph",
+                                               "train_f64.py"}  # nothing written beside (cwd of torchrun)
     assert out["ddp"].count("wrote split") == 1
     assert json.loads((ddp / "split.json").read_text())["val"] == json.loads((ref / "split.json").read_text())["val"]
     rows_ddp, rows_ref = _log(ddp / "log.csv"), _log(ref / "log.csv")
@@ -190,3 +193,23 @@ def test_resume_with_another_number_of_processes(runs):
     assert len(rows_res) == 1
     for key in ("train_loss", "val_loss"):  # the running train loss crossed the resume (2 + 1 steps)
         assert float(rows_res[0][key]) == pytest.approx(float(rows_ref[0][key]), rel=1e-5), key
+
+
+def test_resume_mid_epoch_with_another_global_batch(tmp_path, phantom_tree):
+    """The position is stored as samples of the epoch, so a new global batch (other batch_size or number of
+    processes) goes on from the same draw, even when it does not divide the samples already used."""
+    import train
+    from cli import parse_settings
+    args = _args(phantom_tree, tmp_path / "run", 4, 2)
+    threads = torch.get_num_threads()
+    try:
+        train.train_model(parse_settings(train.__file__, args))
+        first = torch.load(tmp_path / "run" / "resume.pt", weights_only=True)
+        assert (first["epoch"], first["samples"], first["global_batch"], first["step"]) == (1, 8, 4, 2)
+        args[args.index("--batch_size") + 1], args[args.index("--max_steps") + 1] = "3", "3"
+        train.train_model(parse_settings(train.__file__, args + ["--resume"]))
+    finally:
+        torch.set_num_threads(threads)
+    state = torch.load(tmp_path / "run" / "resume.pt", weights_only=True)
+    assert (state["epoch"], state["samples"], state["global_batch"], state["step"]) == (1, 11, 3, 3)
+    assert state["running_count"] == 3
