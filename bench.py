@@ -428,7 +428,14 @@ def ceiling(args, dev: torch.device) -> dict:
     flop = 2 * n ** 3
     rng = np.random.default_rng(0)
     a, b = rng.standard_normal((n, n), dtype=np.float32), rng.standard_normal((n, n), dtype=np.float32)
-    out = {"numpy_sgemm": flop / min(timed(lambda: a @ b, reps, 1, torch.device("cpu"))) / 1e9}
+    try:  # numpy's BLAS gets the same number of threads as torch (threadpoolctl comes with scikit-learn)
+        from threadpoolctl import threadpool_limits
+        limit = threadpool_limits(torch.get_num_threads(), user_api="blas")
+    except ImportError:
+        import contextlib
+        limit = contextlib.nullcontext()
+    with limit:
+        out = {"numpy_sgemm": flop / min(timed(lambda: a @ b, reps, 1, torch.device("cpu"))) / 1e9}
     ta, tb = torch.from_numpy(a).to(dev), torch.from_numpy(b).to(dev)
     out["torch_sgemm"] = flop / min(timed(lambda: ta @ tb, reps, 1, dev)) / 1e9
     if args.cpu_bf16 or dev.type == "cuda":

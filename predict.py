@@ -38,7 +38,7 @@ threshold = -1.0                                            # lesion probability
 tta = False                                                 # also predict the mirrored image and average
 device = "auto"                                             # auto (cuda, then mps, then cpu), cpu, cuda, mps
 batch_size = 8                                              # images per forward pass
-backend = "torch"                                           # torch, or onnx (needs onnxruntime and a .onnx beside the checkpoint)
+backend = "torch"                                           # torch, or onnx (ONNX Runtime on the CPU; <checkpoint>.onnx is exported beside it if missing or stale)
 # ---- end of settings
 
 OUTLINE_COLOURS = {"benign": (60, 220, 60), "malignant": (240, 50, 50)}
