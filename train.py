@@ -72,6 +72,7 @@ expand = 7                    # training set expansion by augmentation (1: no au
 threshold = 0.5               # lesion probability threshold stored in the checkpoint
 device = "auto"               # auto (cuda, then mps, then cpu), cpu, cuda, mps
 amp = True                    # bf16 autocast on CUDA
+cpu_bf16 = False              # bf16 autocast on CPUs with AMX (about 2x faster on such CPUs; off: fp32 as the original)
 channels_last = True          # channels_last memory format
 compile = False               # torch.compile the model (pays only for long runs)
 num_threads = 0               # CPU threads for torch (0: torch's default)
@@ -391,7 +392,7 @@ def _train(cfg: dict, dev: torch.device, rank: int, world: int) -> dict:
         train_model_ = torch.compile(train_model_)
     images_dev = torch.as_tensor(train.images).to(dev)
     targets_dev = torch.as_tensor(train.targets).to(dev)
-    use_amp = cfg["amp"] and dev.type == "cuda"
+    use_amp = (cfg["amp"] and dev.type == "cuda") or (cfg["cpu_bf16"] and dev.type == "cpu" and _cpu_has_amx())
     log_path = out / "log.csv"
     rows = [r for r in read_log(log_path) if int(r["epoch"]) < start_epoch] if cfg["resume"] else []
     graph = Path(cfg["loss_graph_dir"]) / f"{out.name}.png"
@@ -439,7 +440,7 @@ def _train(cfg: dict, dev: torch.device, rank: int, world: int) -> dict:
                 sel = slice(lo, lo + cfg["batch_size"])
                 x, y = make_batch(idx_all[sel], var_all[sel], epoch_generator(cfg["seed"], epoch, lo // cfg["batch_size"]),
                                   images_dev, targets_dev, cfg["channels_last"])
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
                     logits = train_model_(x)
                 loss = F.binary_cross_entropy_with_logits(logits.float(), y)
                 if distributed:  # one small all-reduce per step: every rank stops at the same step
@@ -643,6 +644,14 @@ def convert_sync_bn(model: torch.nn.Module, dev: torch.device) -> torch.nn.Modul
         elif isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             raise TrainingError(f"--sync_bn on the CPU does not support {type(m).__name__} layers")
     return model
+
+
+def _cpu_has_amx() -> bool:
+    """True on CPUs with AMX-BF16 tiles (Sapphire Rapids and later), where bf16 autocast pays."""
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except AttributeError:
+        return False
 
 
 def threading_main() -> bool:
