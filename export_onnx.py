@@ -155,7 +155,7 @@ def session_predictor(session, batch_size_default: int = 8):
         return session.run(None, {in_name: np.ascontiguousarray(x)})[0]
 
     def predictor(images, batch_size: int = batch_size_default, tta: bool = False) -> torch.Tensor:
-        images = torch.as_tensor(images)
+        images = torch.as_tensor(np.array(images) if isinstance(images, np.ndarray) else images)
         out = []
         for i in range(0, images.shape[0], max(1, int(batch_size))):
             x = normalize(images[i:i + batch_size].float()).numpy()

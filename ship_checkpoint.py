@@ -1,0 +1,37 @@
+"""Turn a training run's checkpoint into the file shipped in checkpoints/: fp16 weights, its split beside it.
+
+    python ship_checkpoint.py --src runs/busi_r18_256/best.safetensors \
+        --out checkpoints/busi_unet_resnet18.safetensors --split checkpoints/busi_split.json
+
+The metadata keeps everything train.py stored (settings, epoch, metrics) and points split_file at the copied
+split, so `python evaluate.py` on the shipped file finds its validation images. fp16 halves the file; the
+metrics must be measured again on the converted file (evaluate.py), which is what the README reports.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from model import load_checkpoint, save_checkpoint
+
+
+def ship(src: str, out: str, split: str, half: bool = True) -> dict:
+    model, meta = load_checkpoint(src)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(meta["split_file"], split)
+    meta = {**meta, "split_file": split, "shipped_from": str(src), "storage": "fp16" if half else "fp32"}
+    save_checkpoint(out, model, meta, half=half)
+    return meta
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--src", required=True, help="checkpoint of a training run")
+    ap.add_argument("--out", default="checkpoints/busi_unet_resnet18.safetensors", help="shipped file")
+    ap.add_argument("--split", default="checkpoints/busi_split.json", help="where the run's split is copied")
+    ap.add_argument("--fp32", action="store_true", help="keep fp32 weights")
+    a = ap.parse_args()
+    m = ship(a.src, a.out, a.split, half=not a.fp32)
+    print(json.dumps({k: m[k] for k in ("encoder", "image_size", "epoch", "split_file", "storage")}))
