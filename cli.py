@@ -55,3 +55,12 @@ def parse_settings(source_file: str | Path, argv: list[str] | None = None, descr
         if inputs:
             args[positional] = ";".join(inputs)
     return args
+
+
+def markdown_flags(source_file: str | Path) -> str:
+    """The settings of a script as a markdown table (the README's flag tables are made with this)."""
+    rows = ["| flag | default | meaning |", "|---|---|---|"]
+    for name, (default, help_) in read_settings(source_file).items():
+        flag = f"--{name} / --no-{name}" if isinstance(default, bool) else f"--{name}"
+        rows.append(f"| `{flag}` | `{default!r}` | {help_.replace('|', '/')} |")
+    return "\n".join(rows)

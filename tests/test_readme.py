@@ -1,0 +1,21 @@
+"""The README documents every flag of the scripts, and its two set-up commands are the ones CI and make run."""
+from __future__ import annotations
+
+from conftest import ROOT
+
+from cli import markdown_flags, read_settings
+
+
+def test_every_setting_is_documented_with_its_current_default():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for script in ("train.py", "predict.py", "evaluate.py"):
+        assert markdown_flags(ROOT / script) in readme, f"README flag table of {script} is out of date"
+        assert read_settings(ROOT / script)
+
+
+def test_the_two_commands_exist():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    assert "make demo" in readme and "make test" in readme
+    assert "\ndemo: install" in makefile and "\ntest: install" in makefile
+    assert "make test" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
