@@ -21,7 +21,7 @@ test: install
 demo: install
 	$(BIN)/python phantom.py --out runs/demo/phantoms --per-class 20 --seed 7
 	$(BIN)/python train.py --data_dir runs/demo/phantoms --out_dir runs/demo/run --loss_graph_dir runs/demo \
-		--overwrite --epochs 8 --image_size 128 --expand 2 --optimizer adam
+		--overwrite --epochs 15 --image_size 128 --expand 2 --optimizer adam --cpu_bf16
 	$(BIN)/python predict.py runs/demo/phantoms/malignant --checkpoint runs/demo/run/best.safetensors \
 		--out_dir runs/demo/predictions
 	$(BIN)/python evaluate.py --checkpoint runs/demo/run/best.safetensors --out_dir runs/demo/eval
