@@ -23,7 +23,7 @@ writes files; --resume continues with any number of processes.
 from __future__ import annotations
 
 import csv
-import json
+import io
 import logging
 import math
 import os
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import dataset
 from augment import AugmentConfig, augment_batch, expanded_order
 from dataset import DataError
-from model import CheckpointError, WeightsUnavailableError
+from model import CheckpointError, WeightsUnavailableError, atomic_write_bytes
 
 log = logging.getLogger("train")
 
@@ -209,8 +209,6 @@ def read_log(path: Path) -> list[dict]:
 
 
 def write_log(path: Path, rows: list[dict]) -> None:
-    from model import atomic_write_bytes
-    import io
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=LOG_FIELDS, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
@@ -239,8 +237,6 @@ def plot_losses(rows: list[dict], path: Path, title: str) -> None:
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper right", fontsize=8)
     fig.tight_layout()
-    from model import atomic_write_bytes
-    import io
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)

@@ -30,3 +30,16 @@ def tiny_checkpoint(tmp_path_factory, phantom_tree) -> Path:
                                          batch_size=4, progress=False)
     train.train_model(cfg)
     return out / "run" / "best.safetensors"
+
+
+@pytest.fixture()
+def forbid_pickle(monkeypatch):
+    """Make any use of pickle or torch.load fail the test."""
+    import pickle
+
+    import torch
+
+    def refuse(*a, **k):
+        raise AssertionError("pickle was used to load a checkpoint")
+    for mod, name in ((pickle, "load"), (pickle, "loads"), (torch, "load")):
+        monkeypatch.setattr(mod, name, refuse)

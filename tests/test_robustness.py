@@ -382,13 +382,7 @@ def _resave(src: Path, dst: Path, tensors=None, meta_update=None, header=None):
     return dst
 
 
-def test_checkpoint_loads_without_pickle(ckpt, monkeypatch):
-    import pickle
-    def refuse(*a, **k):
-        raise AssertionError("pickle was used to load a checkpoint")
-    monkeypatch.setattr(pickle, "load", refuse)
-    monkeypatch.setattr(pickle, "loads", refuse)
-    monkeypatch.setattr(torch, "load", refuse)
+def test_checkpoint_loads_without_pickle(ckpt, forbid_pickle):
     net, meta = model_mod.load_checkpoint(ckpt)
     assert meta["encoder"] == "resnet18" and not net.training
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import pickle
 
 import pytest
 import torch
@@ -18,14 +17,8 @@ SUMMARY = json.loads((ROOT / "checkpoints" / "eval" / "summary.json").read_text(
 README_LESION_DICE = SUMMARY["lesion"]["dice_a"]["mean"]
 
 
-def test_shipped_checkpoint_loads_without_pickle(monkeypatch):
+def test_shipped_checkpoint_loads_without_pickle(forbid_pickle):
     import model
-
-    def refuse(*a, **k):
-        raise AssertionError("pickle used")
-    monkeypatch.setattr(pickle, "loads", refuse)
-    monkeypatch.setattr(pickle, "load", refuse)
-    monkeypatch.setattr(torch, "load", refuse)
     net, meta = model.load_checkpoint(SHIPPED)
     assert meta["encoder"] == "resnet18" and meta["classes"] == 2 and meta["image_size"] == 256
     assert (meta["norm_mean"], meta["norm_std"], meta["in_channels"]) == (0.5, 0.5, 1)
