@@ -44,3 +44,22 @@ def test_bench_worker_process_reports_a_result():
     line = [l for l in proc.stdout.splitlines() if l.startswith(bench.RESULT_TAG)][-1]
     res = json.loads(line[len(bench.RESULT_TAG):])
     assert res["train_ips"] > 0 and res["pipeline_ips"] > 0 and res["memory"]["rss_mib"] > 0
+
+
+def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):
+    """gpu_check.sh (prepared for a session lent a GPU) with tiny settings on CPU: bench, phantoms, a timed
+    recipe run, and its summary line."""
+    import os
+    import shutil
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("gpu_check.sh needs bash and coreutils' timeout")
+    pytest.importorskip("onnxruntime")
+    env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "PER_CLASS": "3", "EPOCHS": "1",
+           "LIMIT_S": "300", "BENCH_ARGS": "--quick", "TRAIN_ARGS": "--image_size 64 --expand 2"}
+    proc = subprocess.run(["bash", str(ROOT / "gpu_check.sh"), str(tmp_path / "gc")], capture_output=True,
+                          text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("machine.txt", "bench.txt", "bench.json", "recipe.log", "recipe.png"):
+        assert (tmp_path / "gc" / name).is_file(), name
+    assert "original recipe on cpu: 1 of 1 epochs in" in proc.stdout
+    assert (tmp_path / "gc" / "recipe" / "best.safetensors").is_file()
