@@ -76,6 +76,7 @@ out_dir = ""                 # where CSV, JSON and plots go; empty: <checkpoint 
 gallery_dir = ""             # best/worst gallery (holds image pixels: keep out of git); empty: a git-ignored folder
 gallery = 6                  # number of best and of worst cases in the gallery (0: none)
 threshold = -1.0             # lesion probability threshold; < 0 uses the checkpoint's
+tune_threshold = False       # sweep thresholds on these images, report each, evaluate at the best (validation only!)
 tta = False                  # average with the mirrored image
 device = "auto"              # auto, cpu, cuda, mps
 batch_size = 8               # images per forward pass
@@ -246,6 +247,37 @@ def evaluate_set(predictor, data: LoadedSet, threshold: float, batch_size: int =
     return rows, summary
 
 
+THRESHOLD_GRID = tuple(round(0.05 * k, 2) for k in range(2, 19))  # 0.10, 0.15, ..., 0.90
+
+
+def threshold_sweep(predictor, data: LoadedSet, grid=THRESHOLD_GRID, batch_size: int = 8,
+                    tta: bool = False) -> list[dict]:
+    """The headline numbers (lesion Dice/IoU, all-image Dice (b), accuracy) at every threshold of the grid.
+
+    The network runs once; its probabilities, resized to each image's original size, are kept (fp16) and
+    thresholded again for each value. Choose with choose_threshold() on validation images only.
+    """
+    probs_full = []
+    for i in range(0, len(data), batch_size):
+        probs = torch.sigmoid(predictor(data.images[i:i + batch_size], batch_size, tta).float())
+        for j in range(probs.shape[0]):
+            probs_full.append(to_original(probs[j], data.full_masks[i + j].shape).half())
+    out = []
+    for t in grid:
+        rows = [image_metrics(decide(p, t), data.full_masks[k], data.samples[k].label, with_hd95=False)
+                for k, p in enumerate(probs_full)]
+        out.append({"threshold": float(t), **headline(summarize(rows))})
+    return out
+
+
+def choose_threshold(sweep: list[dict]) -> float:
+    """The threshold with the highest mean Dice (b) over ALL images: it rewards lesion overlap and empty
+    predictions on normal images alike, so it cannot buy lesion Dice with false positives. Ties: the one
+    nearest 0.5."""
+    best = max(sweep, key=lambda r: (round(r["dice_all_b"], 6), -abs(r["threshold"] - 0.5)))
+    return best["threshold"]
+
+
 def unpack_mask(packed) -> np.ndarray:
     bits, shape = packed
     return np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape).astype(bool)
@@ -289,6 +321,14 @@ def format_table(summary: dict) -> str:
         lines.append(f"validation loss (BCE) {summary['val_loss']:.5f}")
     lines.append(f"lesion Dice (benign+malignant, convention a): {_num(summary['lesion']['dice_a']['mean'], 0)}  "
                  f"IoU {_num(summary['lesion']['iou_a']['mean'], 0)}  (n={summary['lesion']['dice_a']['n']})")
+    return "\n".join(lines)
+
+
+def format_sweep(sweep: list[dict]) -> str:
+    lines = [f"{'threshold':>9}{'lesion Dice':>13}{'lesion IoU':>12}{'Dice (b) all':>14}{'accuracy':>10}"]
+    for r in sweep:
+        lines.append(f"{r['threshold']:>9.2f}{_num(r['dice'], 13)}{_num(r['iou'], 12)}{_num(r['dice_all_b'], 14)}"
+                     f"{_num(r['accuracy'], 10)}")
     return "\n".join(lines)
 
 
@@ -632,9 +672,21 @@ def run(cfg: dict) -> dict:
     data, info = load_eval_set(cfg, meta)
     if len(data) == 0:
         raise DataError("no images to evaluate")
+    sweep = None
+    if cfg["tune_threshold"]:
+        if info["split"] != "val":
+            log.warning("--tune_threshold on the %s images: choose a threshold on validation images only",
+                        info["split"])
+        sweep = threshold_sweep(predictor, data, batch_size=cfg["batch_size"], tta=cfg["tta"])
+        print(format_sweep(sweep))
+        thr = choose_threshold(sweep)
+        print(f"chosen threshold {thr} (highest mean Dice (b) over all images); store it with "
+              f"ship_checkpoint.py --threshold {thr}")
     want_gallery = cfg["gallery"] > 0
     masks: dict | None = {} if want_gallery else None
     rows, summary = evaluate_set(predictor, data, thr, cfg["batch_size"], cfg["tta"], masks=masks)
+    if sweep is not None:
+        summary["threshold_sweep"] = sweep
     summary.update(checkpoint=str(cfg["checkpoint"]), epoch=meta.get("epoch"), threshold=thr, tta=cfg["tta"],
                    **info, conventions={
                        "a": "empty true mask: left out of the Dice/IoU mean, judged at image level (empty_masks)",

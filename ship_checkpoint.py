@@ -17,11 +17,18 @@ from pathlib import Path
 from model import load_checkpoint, save_checkpoint
 
 
-def ship(src: str, out: str, split: str, half: bool = True) -> dict:
+def ship(src: str, out: str, split: str, half: bool = True, threshold: float | None = None) -> dict:
+    """Write src as the shipped file out (fp16 unless half=False), its split copied to split; threshold, if
+    given (chosen on the validation split with evaluate.py --tune_threshold), replaces the stored one."""
+    if threshold is not None and not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must lie between 0 and 1, got {threshold}")
     model, meta = load_checkpoint(src)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(meta["split_file"], split)
+    if Path(meta["split_file"]).resolve() != Path(split).resolve():
+        shutil.copyfile(meta["split_file"], split)
     meta = {**meta, "split_file": split, "shipped_from": str(src), "storage": "fp16" if half else "fp32"}
+    if threshold is not None:
+        meta["threshold"] = float(threshold)
     save_checkpoint(out, model, meta, half=half)
     return meta
 
@@ -32,6 +39,8 @@ if __name__ == "__main__":
     ap.add_argument("--out", default="checkpoints/busi_unet_resnet18.safetensors", help="shipped file")
     ap.add_argument("--split", default="checkpoints/busi_split.json", help="where the run's split is copied")
     ap.add_argument("--fp32", action="store_true", help="keep fp32 weights")
+    ap.add_argument("--threshold", type=float, default=None,
+                    help="lesion threshold to store (chosen on the validation split: evaluate.py --tune_threshold)")
     a = ap.parse_args()
-    m = ship(a.src, a.out, a.split, half=not a.fp32)
-    print(json.dumps({k: m[k] for k in ("encoder", "image_size", "epoch", "split_file", "storage")}))
+    m = ship(a.src, a.out, a.split, half=not a.fp32, threshold=a.threshold)
+    print(json.dumps({k: m.get(k) for k in ("encoder", "image_size", "epoch", "split_file", "storage", "threshold")}))

@@ -410,6 +410,40 @@ def test_evaluate_end_to_end_outputs(trained_run, phantom_tree, capsys):
     assert_png(out / "gallery" / "best_worst.png")           # outside the repository: beside the results
 
 
+def test_choose_threshold_prefers_all_image_dice_then_nearest_half():
+    sweep = [{"threshold": 0.3, "dice_all_b": 0.70}, {"threshold": 0.4, "dice_all_b": 0.72},
+             {"threshold": 0.6, "dice_all_b": 0.72}, {"threshold": 0.7, "dice_all_b": 0.71}]
+    sweep[2]["threshold"] = 0.5  # tie at 0.72: the one nearer 0.5 wins
+    assert ev.choose_threshold(sweep) == 0.5
+    assert ev.choose_threshold([{"threshold": 0.2, "dice_all_b": 0.9}, {"threshold": 0.5, "dice_all_b": 0.1}]) == 0.2
+
+
+def test_tune_threshold_sweeps_and_evaluates_at_the_chosen_one(trained_run, tmp_path, capsys):
+    """Each row of the sweep equals a plain evaluation at that threshold; the summary is the one at the
+    chosen threshold, and the chosen one has the highest all-image Dice (b) of the sweep."""
+    ck = str(trained_run / "last.safetensors")
+    rc = ev.main(["--checkpoint", ck, "--out_dir", str(tmp_path / "t"), "--device", "cpu", "--gallery", "0",
+                  "--tune_threshold"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "chosen threshold" in printed and "ship_checkpoint.py --threshold" in printed
+    s = strict_json(tmp_path / "t" / "summary.json")
+    sweep = s["threshold_sweep"]
+    assert [r["threshold"] for r in sweep] == list(ev.THRESHOLD_GRID)
+    best = max(r["dice_all_b"] for r in sweep)
+    chosen = [r for r in sweep if r["threshold"] == s["threshold"]][0]
+    assert chosen["dice_all_b"] == pytest.approx(best)
+    assert s["all"]["dice_b"]["mean"] == pytest.approx(chosen["dice_all_b"], abs=1e-6)
+    assert s["classification"]["accuracy"] == pytest.approx(chosen["accuracy"])
+    for r in (sweep[0], sweep[-1]):  # two rows checked against a plain evaluation at that threshold
+        assert ev.main(["--checkpoint", ck, "--out_dir", str(tmp_path / "p"), "--device", "cpu", "--gallery", "0",
+                        "--threshold", str(r["threshold"])]) == 0
+        p = strict_json(tmp_path / "p" / "summary.json")
+        assert p["all"]["dice_b"]["mean"] == pytest.approx(r["dice_all_b"], abs=1e-3)  # fp16 vs fp32 probs
+        assert p["classification"]["accuracy"] == pytest.approx(r["accuracy"], abs=0.05)
+    assert sweep[0]["dice_all_b"] != sweep[-1]["dice_all_b"]  # the threshold matters for this model
+
+
 def test_evaluate_kfold_and_gather(trained_run, phantom_tree, tmp_path, capsys):
     """A K-fold split of the checkpoint's data, evaluated fold by fold with --fold i, then --gather: the
     folds cover every image once and the combined numbers are the mean/std of the folds' numbers."""
