@@ -16,6 +16,7 @@ SPLIT = ROOT / "checkpoints" / "busi_split.json"
 # beside it; the README quotes that summary's lesion Dice)
 SHIPPED_MODELS = {
     "busi_unet_resnet18.safetensors": ("resnet18", "eval"),
+    "busi_unet_efficientnet_lite0.safetensors": ("efficientnet-lite0", "eval_efficientnet_lite0"),
 }
 DEFAULT = ROOT / "checkpoints" / "busi_unet_resnet18.safetensors"
 
