@@ -70,7 +70,7 @@ path_to_masks = ""           # ... and a folder of masks matched by file name
 manifest = ""                # or: a CSV with columns image,mask,label
 default_label = ""           # label for two-folder data whose file names hold no class name
 split_file = ""              # split JSON; empty: the one stored in the checkpoint (or beside it)
-split = "auto"               # val, train or all; auto: val for the checkpoint's own data (or with split_file), else all
+split = "auto"               # val, train or all; auto: val for the checkpoint's own data (at any path) or with split_file, else all
 fold = -1                    # with a K-fold split file: the validation fold (-1: the checkpoint's)
 out_dir = ""                 # where CSV, JSON and plots go; empty: <checkpoint folder>/eval (eval_<data>_<split> for other data)
 gallery_dir = ""             # best/worst gallery (holds image pixels: keep out of git); empty: a git-ignored folder
@@ -598,6 +598,23 @@ def find_split_file(cfg: dict, meta: dict) -> Path:
                     f"give --split_file, or --split all to evaluate every image")
 
 
+def _holds_checkpoint_split(cfg: dict, meta: dict, samples: list) -> bool:
+    """True when data given on the command line holds exactly the images of the checkpoint's own split (found
+    as find_split_file finds it; duplicates the split dropped may be there too): then it is the checkpoint's
+    data set under another path (data/BUSI here,
+    ../shared/data/BUSI where it was trained), and scoring its training images would flatter the model."""
+    from dataset import select_fold
+    try:
+        split_obj = json.loads(find_split_file(cfg, meta).read_text(encoding="utf-8"))
+        train_keys, val_keys = select_fold(split_obj, int(meta.get("fold", 0) or 0))
+    except (DataError, OSError, ValueError, KeyError, TypeError):
+        return False
+    dropped = {k for kind in split_obj.get("duplicates", {}).values() for d in kind for k in d.get("dropped", [])}
+    in_split = set(train_keys) | set(val_keys)
+    keys = {s.key for s in samples}
+    return bool(val_keys) and in_split <= keys <= in_split | dropped
+
+
 def load_eval_set(cfg: dict, meta: dict) -> tuple[LoadedSet, dict]:
     """The images to evaluate: the chosen data, restricted to the chosen part of the stored split.
 
@@ -610,6 +627,10 @@ def load_eval_set(cfg: dict, meta: dict) -> tuple[LoadedSet, dict]:
     samples = discover(src.get("data_dir", ""), src.get("path_to_images", ""), src.get("path_to_masks", ""),
                        src.get("manifest", ""), src.get("default_label", ""))
     which = effective_split(cfg)
+    if which == "all" and cfg["split"] == "auto" and _holds_checkpoint_split(cfg, meta, samples):
+        which = "val"
+        log.info("the given data is the checkpoint's own data set (the images of its split): evaluating "
+                 "its validation images (--split all for every image)")
     info: dict = {"split": which, "split_file": None, "fold": None}
     if which != "all":
         split_path = find_split_file(cfg, meta)

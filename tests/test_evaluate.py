@@ -576,6 +576,27 @@ def test_evaluate_all_drops_duplicates(trained_run, tree_with_duplicates, tmp_pa
     assert s["split"] == "all" and s["all"]["n_images"] == 17
 
 
+def test_checkpoint_data_given_by_another_path_is_evaluated_on_its_validation_split(trained_run, phantom_tree,
+                                                                                     tmp_path):
+    """The shipped-model case: the checkpoint was trained on data at one path, the user gives the same data
+    set at another; split auto recognises it by the split's file names and scores the validation images only."""
+    import shutil
+    copy = tmp_path / "elsewhere" / "phantoms"
+    shutil.copytree(phantom_tree, copy)
+    rc = ev.main(["--checkpoint", str(trained_run / "last.safetensors"), "--data_dir", str(copy),
+                  "--out_dir", str(tmp_path / "e"), "--device", "cpu", "--gallery", "0"])
+    assert rc == 0
+    split = json.loads((trained_run / "split.json").read_text())
+    assert [r["file"] for r in read_csv(tmp_path / "e" / "per_image.csv")] == split["val"]
+    assert strict_json(tmp_path / "e" / "summary.json")["split"] == "val"
+    gone = copy / split["train"][0]  # no longer the whole data set: every image, as for other data
+    for f in [gone, *gone.parent.glob(gone.stem + "_mask*")]:
+        f.unlink()
+    rc = ev.main(["--checkpoint", str(trained_run / "last.safetensors"), "--data_dir", str(copy),
+                  "--out_dir", str(tmp_path / "e2"), "--device", "cpu", "--gallery", "0"])
+    assert rc == 0 and strict_json(tmp_path / "e2" / "summary.json")["split"] == "all"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Real data
 # ---------------------------------------------------------------------------------------------------------
