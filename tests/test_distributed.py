@@ -58,7 +58,8 @@ from cli import parse_settings
 train.make_model = _float64(train.make_model)
 logging.basicConfig(level=logging.INFO if os.environ.get("RANK", "0") == "0" else logging.WARNING)
 metrics = train.train_model(parse_settings(train.__file__, sys.argv[1:]))
-print("METRICS", os.environ.get("RANK", "0"), json.dumps(metrics, sort_keys=True), flush=True)
+# one write of one short line (< PIPE_BUF): the ranks' lines cannot interleave, even with PYTHONUNBUFFERED set
+os.write(1, ("METRICS " + os.environ.get("RANK", "0") + " " + json.dumps(metrics, sort_keys=True) + "\\n").encode())
 """
 
 
