@@ -230,8 +230,7 @@ def evaluate_set(predictor, data: LoadedSet, threshold: float, batch_size: int =
     Returns (per-image rows, summary). The summary's "val_loss" is the pixel-wise BCE at network resolution.
     """
     rows, bce_sum = [], 0.0
-    for i in range(0, len(data), batch_size):
-        logits = predictor(data.images[i:i + batch_size], batch_size, tta).float()
+    for i, logits in _predicted_batches(predictor, data, batch_size, tta):
         target = torch.as_tensor(data.targets[i:i + batch_size]).float()
         bce_sum += float(torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="sum"))
         probs = torch.sigmoid(logits)
@@ -247,6 +246,12 @@ def evaluate_set(predictor, data: LoadedSet, threshold: float, batch_size: int =
     return rows, summary
 
 
+def _predicted_batches(predictor, data: LoadedSet, batch_size: int, tta: bool):
+    """(index of the batch's first image, its logits as float32) for every batch of the set, in order."""
+    for i in range(0, len(data), batch_size):
+        yield i, predictor(data.images[i:i + batch_size], batch_size, tta).float()
+
+
 THRESHOLD_GRID = tuple(round(0.05 * k, 2) for k in range(2, 19))  # 0.10, 0.15, ..., 0.90
 
 
@@ -258,8 +263,8 @@ def threshold_sweep(predictor, data: LoadedSet, grid=THRESHOLD_GRID, batch_size:
     thresholded again for each value. Choose with choose_threshold() on validation images only.
     """
     probs_full = []
-    for i in range(0, len(data), batch_size):
-        probs = torch.sigmoid(predictor(data.images[i:i + batch_size], batch_size, tta).float())
+    for i, logits in _predicted_batches(predictor, data, batch_size, tta):
+        probs = torch.sigmoid(logits)
         for j in range(probs.shape[0]):
             probs_full.append(to_original(probs[j], data.full_masks[i + j].shape).half())
     out = []
@@ -598,14 +603,21 @@ def find_split_file(cfg: dict, meta: dict) -> Path:
                     f"give --split_file, or --split all to evaluate every image")
 
 
+def read_split(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: split file is not valid JSON ({e})") from None
+
+
 def _holds_checkpoint_split(cfg: dict, meta: dict, samples: list) -> bool:
     """True when data given on the command line holds exactly the images of the checkpoint's own split (found
     as find_split_file finds it; duplicates the split dropped may be there too): then it is the checkpoint's
-    data set under another path (data/BUSI here,
-    ../shared/data/BUSI where it was trained), and scoring its training images would flatter the model."""
+    data set under another path (data/BUSI here, ../shared/data/BUSI where it was trained), and scoring its
+    training images would flatter the model."""
     from dataset import select_fold
     try:
-        split_obj = json.loads(find_split_file(cfg, meta).read_text(encoding="utf-8"))
+        split_obj = read_split(find_split_file(cfg, meta))
         train_keys, val_keys = select_fold(split_obj, int(meta.get("fold", 0) or 0))
     except (DataError, OSError, ValueError, KeyError, TypeError):
         return False
@@ -634,10 +646,7 @@ def load_eval_set(cfg: dict, meta: dict) -> tuple[LoadedSet, dict]:
     info: dict = {"split": which, "split_file": None, "fold": None}
     if which != "all":
         split_path = find_split_file(cfg, meta)
-        try:
-            split_obj = json.loads(split_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{split_path}: split file is not valid JSON ({e})") from None
+        split_obj = read_split(split_path)
         fold_ = cfg["fold"] if cfg["fold"] >= 0 else int(meta.get("fold", 0) or 0)
         if "folds" not in split_obj and cfg["fold"] >= 0:
             raise DataError(f"{split_path}: holds one train/validation split, not folds; leave --fold unset")
