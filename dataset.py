@@ -190,7 +190,10 @@ class Sample:
     image: Path
     masks: tuple[Path, ...]
     label: str
-    key: str  # path relative to the data root, used in split files
+    key: str  # path relative to the data root (prefixed "<source>/" in multi-source runs), used in split files
+    patient: str = ""  # patient id where the data says (a manifest's patient column): a split group
+    attrs: tuple = ()  # other manifest columns as (name, value) pairs, e.g. (("doppler", "yes"),), for subgroups
+    source: str = ""   # name of the data source in a multi-source run ("" for a single source)
 
     @property
     def lesion_index(self) -> int | None:
@@ -326,7 +329,9 @@ def discover_manifest(csv_path: str | Path) -> list[Sample]:
         label = _check_label(row["label"] or "", where)
         if label != "normal" and not masks:
             raise DataError(f"{where}: a {label} image needs a mask")
-        samples.append(Sample(img, masks, label, row["image"].strip()))
+        extra = tuple((k, (v or "").strip()) for k, v in row.items()
+                      if k and k not in ("image", "mask", "label", "patient"))
+        samples.append(Sample(img, masks, label, row["image"].strip(), (row.get("patient") or "").strip(), extra))
     return samples
 
 
@@ -344,6 +349,44 @@ def discover(data_dir: str = "", path_to_images: str = "", path_to_masks: str = 
     return discover_busi(data_dir)
 
 
+def parse_sources(spec: str) -> list[tuple[str, str]]:
+    """'busi=data/BUSI;uclm=data/BUS-UCLM/manifest.csv;mine=imgs,masks' -> [(name, path), ...]."""
+    out = []
+    for item in (x.strip() for x in spec.split(";") if x.strip()):
+        name, sep, path = item.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path or not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise DataError(f"sources: {item!r} is not name=path (name: letters, digits, _ . -; path: a BUSI "
+                            f"folder, a manifest .csv, or images_folder,masks_folder)")
+        if name in (n for n, _ in out):
+            raise DataError(f"sources: the name {name!r} is given twice")
+        out.append((name, path))
+    return out
+
+
+def discover_source(name: str, path: str, default_label: str = "") -> list[Sample]:
+    """One named source of a multi-source run; its keys are prefixed '<name>/' so sources never collide."""
+    try:
+        if "," in path:
+            images, masks = (p.strip() for p in path.split(",", 1))
+            found = discover_folders(images, masks, default_label)
+        elif path.lower().endswith(".csv"):
+            found = discover_manifest(path)
+        else:
+            found = discover_busi(path)
+    except DataError as e:
+        raise DataError(f"source {name!r}: {e}") from None
+    return [Sample(s.image, s.masks, s.label, f"{name}/{s.key}", s.patient, s.attrs, name) for s in found]
+
+
+def discover_all(sources: str = "", **single) -> list[Sample]:
+    """The samples of a run: every named source of `sources`, or the single source of discover(**single)."""
+    if not sources:
+        return discover(**single)
+    return [s for name, path in parse_sources(sources) for s in discover_source(name, path,
+                                                                               single.get("default_label", ""))]
+
+
 def _natural_key(name: str) -> list:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", name)]
 
@@ -359,18 +402,21 @@ class LoadedSet:
     images: np.ndarray            # uint8 N x 1 x S x S
     targets: np.ndarray           # uint8 N x len(LESION_CLASSES) x S x S (0/1)
     full_masks: list[np.ndarray]  # bool H x W at each image's original resolution
-    hashes: list[str] = field(default_factory=list)
+    hashes: list[str] = field(default_factory=list)         # content hash of the decoded pixels (exact copies)
+    phashes: list[tuple] = field(default_factory=list)      # perceptual hashes (near-duplicates), see image_hashes
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def subset(self, indices: list[int]) -> "LoadedSet":
         return LoadedSet([self.samples[i] for i in indices], self.images[indices], self.targets[indices],
-                         [self.full_masks[i] for i in indices], [self.hashes[i] for i in indices])
+                         [self.full_masks[i] for i in indices], [self.hashes[i] for i in indices],
+                         [self.phashes[i] for i in indices] if self.phashes else [])
 
 
-def load_sample(s: Sample, size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
-    """Decode one sample: (image uint8 SxS, target uint8 CxSxS, full-size bool mask, content hash)."""
+def load_sample(s: Sample, size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, tuple]:
+    """Decode one sample: (image uint8 SxS, target uint8 CxSxS, full-size bool mask, content hash,
+    perceptual hashes)."""
     grey = load_image(s.image)
     mask = load_mask_union(s.masks, grey.shape)
     target = np.zeros((len(LESION_CLASSES), size, size), dtype=np.uint8)
@@ -380,7 +426,7 @@ def load_sample(s: Sample, size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarr
         log.warning("%s: labelled normal but its mask is not empty; the mask is ignored", s.image)
         mask = np.zeros_like(mask)
     digest = hashlib.sha256(np.ascontiguousarray(grey).tobytes() + str(grey.shape).encode()).hexdigest()
-    return resize_image(grey, size), target, mask, digest
+    return resize_image(grey, size), target, mask, digest, image_hashes(grey)
 
 
 def load_set(samples: list[Sample], size: int = IMAGE_SIZE, progress: bool = False) -> LoadedSet:
@@ -389,14 +435,14 @@ def load_set(samples: list[Sample], size: int = IMAGE_SIZE, progress: bool = Fal
     if progress:
         from tqdm import tqdm
         it = tqdm(samples, desc="loading images", unit="img", leave=False)
-    imgs, tgts, fulls, hashes = [], [], [], []
+    imgs, tgts, fulls, hashes, phashes = [], [], [], [], []
     for s in it:
-        img, tgt, full, h = load_sample(s, size)
-        imgs.append(img[None]); tgts.append(tgt); fulls.append(full); hashes.append(h)
+        img, tgt, full, h, ph = load_sample(s, size)
+        imgs.append(img[None]); tgts.append(tgt); fulls.append(full); hashes.append(h); phashes.append(ph)
     n = len(samples)
     images = np.stack(imgs) if n else np.zeros((0, 1, size, size), np.uint8)
     targets = np.stack(tgts) if n else np.zeros((0, len(LESION_CLASSES), size, size), np.uint8)
-    return LoadedSet(list(samples), images, targets, fulls, hashes)
+    return LoadedSet(list(samples), images, targets, fulls, hashes, phashes)
 
 
 def duplicate_groups(hashes: list[str]) -> list[list[int]]:
@@ -433,16 +479,118 @@ def resolve_duplicates(samples: list[Sample], hashes: list[str]) -> tuple[list[i
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Near-duplicates (the same scan saved twice with another crop, gain or caliper marks)
+# ---------------------------------------------------------------------------------------------------------
+
+# Two images are the same scan when BOTH of two independent 64-bit perceptual hashes are close: the DCT hash
+# (phash: coarse structure, robust to gain, noise, marks and small crops) and the difference hash (dhash:
+# local gradients, which separates different lesions in similar-looking tissue). Thresholds chosen by looking
+# at the pairs on both sides of them (python near_duplicates.py writes the contact sheets): on BUSI every
+# pair up to phash 8 is the same scan; at phash 10-12 pairs with dhash <= 20 are the same scan (shifted,
+# re-cropped, marked) and pairs with dhash >= 23 are mostly different lesions or a normal scan beside a
+# lesion. With this rule BUSI has 8 groups whose images carry both labels, the count a published audit
+# (Pawlowska et al. 2023) gives for lesions filed as benign and as malignant; at phash 14 or dhash 26
+# normal/benign pairs of different scans start to merge.
+NEAR_DUP_METHOD = "imagehash phash 64-bit + dhash 64-bit, Hamming distances"
+NEAR_DUP_PHASH_MAX = 12   # Hamming distance of the DCT hashes at most this ...
+NEAR_DUP_DHASH_MAX = 22   # ... and of the difference hashes at most this
+
+
+def image_hashes(grey: np.ndarray) -> tuple[int, int]:
+    """(64-bit DCT perceptual hash, 64-bit difference hash) of a uint8 greyscale image, as ints."""
+    import imagehash
+    img = Image.fromarray(grey)
+    return (int(str(imagehash.phash(img)), 16), int(str(imagehash.dhash(img)), 16))
+
+
+def hash_distances(phashes: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
+    """N x N Hamming distances of the phashes and of the dhashes."""
+    if not phashes:
+        return np.zeros((0, 0), int), np.zeros((0, 0), int)
+    bits = np.array([[(h >> k) & 1 for k in range(64)] for pair in phashes for h in pair], dtype=np.uint8)
+    bits = bits.reshape(len(phashes), 2, 64)
+    out = []
+    for j in range(2):
+        b = bits[:, j].astype(np.int32)
+        out.append(b.sum(1)[:, None] + b.sum(1)[None, :] - 2 * (b @ b.T))
+    return out[0], out[1]
+
+
+def near_duplicate_pairs(phashes: list[tuple], phash_max: int = NEAR_DUP_PHASH_MAX,
+                         dhash_max: int = NEAR_DUP_DHASH_MAX) -> list[tuple[int, int]]:
+    """Index pairs (i < j) of images that are the same scan by the rule above."""
+    dp, dd = hash_distances(phashes)
+    i, j = np.nonzero(np.triu((dp <= phash_max) & (dd <= dhash_max), k=1))
+    return list(zip(i.tolist(), j.tolist()))
+
+
+def _components(n: int, pairs) -> list[int]:
+    """Connected components of n items joined by pairs: a component id per item (union-find)."""
+    parent = list(range(n))
+
+    def root(a: int) -> int:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+    for a, b in pairs:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    return [root(a) for a in range(n)]
+
+
+def resolve_near_duplicates(samples: list[Sample], phashes: list[tuple]) -> tuple[list[int], dict]:
+    """Group near-duplicates; groups whose images carry different labels are dropped (one scan cannot be
+    trained towards two answers), as exact copies with conflicting labels are. Returns (indices to keep,
+    report with the groups by key)."""
+    comp = _components(len(samples), near_duplicate_pairs(phashes))
+    members: dict[int, list[int]] = {}
+    for i, c in enumerate(comp):
+        members.setdefault(c, []).append(i)
+    groups = [m for m in members.values() if len(m) > 1]
+    conflicting = [g for g in groups if len({samples[i].label for i in g}) > 1]
+    drop = {i for g in conflicting for i in g}
+    report = {"method": NEAR_DUP_METHOD, "phash_max": NEAR_DUP_PHASH_MAX, "dhash_max": NEAR_DUP_DHASH_MAX,
+              "groups": [sorted(samples[i].key for i in g) for g in groups if not set(g) & drop],
+              "conflicting_labels": [{"dropped": [samples[i].key for i in g], "labels": [samples[i].label for i in g]}
+                                     for g in conflicting]}
+    for item in report["conflicting_labels"]:
+        log.warning("near-duplicate images with conflicting labels %s: all dropped: %s", item["labels"], item["dropped"])
+    log.info("near-duplicates: %d groups of the same scan (%d images), %d with conflicting labels dropped",
+             len(report["groups"]), sum(len(g) for g in report["groups"]), len(conflicting))
+    return [i for i in range(len(samples)) if i not in drop], report
+
+
+def split_groups(samples: list[Sample], near_dup_groups: list[list[str]] = ()) -> dict[str, str]:
+    """A group id per sample key: near-duplicates and images of one patient share a group (chained)."""
+    index = {s.key: i for i, s in enumerate(samples)}
+    pairs = [(index[g[0]], index[k]) for g in near_dup_groups for k in g[1:] if g[0] in index and k in index]
+    by_patient: dict[tuple, int] = {}
+    for i, s in enumerate(samples):
+        if s.patient:
+            first = by_patient.setdefault((s.source, s.patient), i)
+            if first != i:
+                pairs.append((first, i))
+    comp = _components(len(samples), pairs)
+    return {s.key: samples[comp[i]].key for i, s in enumerate(samples)}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Splitting
 # ---------------------------------------------------------------------------------------------------------
 
-def make_split(samples: list[Sample], val_fraction: float = 0.2, seed: int = 42, folds: int = 0) -> dict:
+def make_split(samples: list[Sample], val_fraction: float = 0.2, seed: int = 42, folds: int = 0,
+               groups: dict[str, str] | None = None) -> dict:
     """A deterministic split, stratified by class and seeded.
 
     folds == 0: one train/validation split with round(val_fraction * n) validation images per class.
     folds >= 2: K stratified folds (each class dealt round-robin over the folds after a seeded shuffle);
     the split dict then stores all folds and select_fold() picks the validation fold.
+    groups: {key: group id} (split_groups): the images of a group always land on the same side / fold.
     """
+    if groups is not None and any(list(groups.values()).count(g) > 1 for g in set(groups.values())):
+        return _grouped_split(samples, val_fraction, seed, folds, groups)
     rng = random.Random(seed)
     by_class: dict[str, list[str]] = {}
     for s in samples:
@@ -469,6 +617,42 @@ def make_split(samples: list[Sample], val_fraction: float = 0.2, seed: int = 42,
         val += keys[:n_val]
         train += keys[n_val:]
     split.update(val_fraction=val_fraction, train=sorted(train), val=sorted(val))
+    return split
+
+
+def _grouped_split(samples: list[Sample], val_fraction: float, seed: int, folds: int,
+                   groups: dict[str, str]) -> dict:
+    """make_split with groups: whole groups are dealt, largest first (seeded order among equal sizes), each to
+    the part (validation or training; or the fold) that is furthest below its share of the group's classes,
+    so every class keeps close to its share and no group straddles two parts."""
+    if not folds and not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    rng = random.Random(seed)
+    members: dict[str, list[Sample]] = {}
+    for s in samples:
+        members.setdefault(groups.get(s.key, s.key), []).append(s)
+    order = sorted(members)
+    rng.shuffle(order)
+    order.sort(key=lambda g: -len(members[g]))  # stable: the seeded order stays among equal sizes
+    totals = {c: sum(s.label == c for s in samples) for c in CLASS_NAMES}
+    shares = [1.0 / folds] * folds if folds and folds >= 2 else [val_fraction, 1.0 - val_fraction]
+    counts = [{c: 0 for c in CLASS_NAMES} for _ in shares]
+    parts: list[list[str]] = [[] for _ in shares]
+    for g in order:
+        need = {c: sum(s.label == c for s in members[g]) for c in CLASS_NAMES}
+        deficit = [sum(n * (share * totals[c] - counts[p][c]) / max(1, totals[c]) for c, n in need.items())
+                   for p, share in enumerate(shares)]
+        p = max(range(len(shares)), key=lambda k: (deficit[k], -k))
+        parts[p] += [s.key for s in members[g]]
+        for c, n in need.items():
+            counts[p][c] += n
+    split = {"version": 2, "seed": seed, "classes": {c: n for c, n in sorted(totals.items()) if n},
+             "grouped": {"groups": sorted(sorted(k for k in ks) for ks in
+                                          ([s.key for s in m] for m in members.values()) if len(ks) > 1)}}
+    if folds and folds >= 2:
+        split.update(folds=[sorted(f) for f in parts])
+    else:
+        split.update(val_fraction=val_fraction, val=sorted(parts[0]), train=sorted(parts[1]))
     return split
 
 
@@ -502,7 +686,7 @@ def save_json_atomic(path: str | Path, obj) -> None:
 
 
 def load_or_make_split(path: str | Path, samples: list[Sample], val_fraction: float = 0.2, seed: int = 42,
-                       folds: int = 0, report: dict | None = None) -> dict:
+                       folds: int = 0, report: dict | None = None, groups: dict[str, str] | None = None) -> dict:
     """Reuse the split file when it exists (so every run sees the same validation images), else write one."""
     path = Path(path)
     keys = {s.key for s in samples}
@@ -527,9 +711,25 @@ def load_or_make_split(path: str | Path, samples: list[Sample], val_fraction: fl
                         len(new), path, new[:3])
         log.info("reusing split %s", path)
         return split
-    split = make_split(samples, val_fraction, seed, folds)
+    names = sorted({s.source for s in samples})
+    if len(names) > 1:  # per source, each stratified by class (and grouped), then merged
+        parts = {n: make_split([s for s in samples if s.source == n], val_fraction, seed, folds, groups)
+                 for n in names}
+        split = {"version": 2, "seed": seed, "sources": {n: p["classes"] for n, p in parts.items()},
+                 "classes": {c: sum(p["classes"].get(c, 0) for p in parts.values()) for c in CLASS_NAMES}}
+        if folds and folds >= 2:
+            split["folds"] = [sorted(k for p in parts.values() for k in p["folds"][i]) for i in range(folds)]
+        else:
+            split.update(val_fraction=val_fraction, train=sorted(k for p in parts.values() for k in p["train"]),
+                         val=sorted(k for p in parts.values() for k in p["val"]))
+        if groups is not None:
+            split["grouped"] = {"groups": sorted(g for p in parts.values() for g in p.get("grouped", {}).get("groups", []))}
+    else:
+        split = make_split(samples, val_fraction, seed, folds, groups)
     if report:
-        split["duplicates"] = report
+        split["duplicates"] = {k: v for k, v in report.items() if k != "near_duplicates"}
+        if "near_duplicates" in report:
+            split.setdefault("grouped", {})["near_duplicates"] = report["near_duplicates"]
     path.parent.mkdir(parents=True, exist_ok=True)
     save_json_atomic(path, split)
     log.info("wrote split %s", path)

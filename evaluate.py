@@ -3,10 +3,18 @@
     python evaluate.py --checkpoint runs/resnet18/last.safetensors           # its stored validation split
     python evaluate.py --checkpoint ck.safetensors --data_dir data/BUSI --split all
     python evaluate.py --manifest external.csv --checkpoint ck.safetensors   # every image of the manifest
+    python evaluate.py --manifest BUS-UCLM.csv --subgroups doppler,marks     # with per-subgroup rows
+    python evaluate.py --checkpoint runs/r18/best.safetensors --tune_threshold   # choose the post-processing
     python evaluate.py --gather "runs/fold*/eval/summary.json"               # mean +/- std over K folds
 
 Every number is computed at the image's ORIGINAL resolution: the predicted probabilities are resized back
-(bilinear) before the threshold, and compared with the union of the image's mask files.
+(bilinear) before the threshold, and compared with the union of the image's mask files. The metric
+mathematics lives in metrics.py; this file is the command-line tool around it.
+
+Post-processing (predict.decide), each setting from the command line or, when negative, from the checkpoint:
+threshold on the lesion probability; min_area, the smallest lesion component kept (pixels at the network's
+input size, scaled to each image's size); normal_gate, for a checkpoint with a classification head: the
+mask is cleared when the head's P(normal) is at least this (1.0: only at certainty).
 
 Per image (per_image.csv):
   dice / iou      lesion Dice and IoU: the union of the lesion channels against the union of the masks (the
@@ -20,8 +28,13 @@ Per image (per_image.csv):
   dice_<class>    per-class Dice/IoU of one output channel (benign, malignant): the channel's pixels (each
                   lesion pixel goes to its most probable class) against the mask when the image is of that
                   class, against an empty mask otherwise;
-  labels          image-level class from the prediction: normal when no pixel passes the threshold, else the
-                  lesion class holding the most probability (predict.decide).
+  labels          image-level class from the prediction (predict.decide): without a head, normal when no
+                  pixel passes, else the lesion class holding the most probability; with a head, from it;
+  malignancy      P(malignant | lesion): from the head, else the malignant share of the lesion's probability
+                  (empty when nothing is predicted by a model without a head); p_normal: the head's P(normal);
+  complete_miss   lesion images: 1 when nothing predicted touches the lesion (nothing at all, or only
+                  elsewhere), else 0; false_positive: normal images: 1 when any lesion is predicted;
+  patient         the manifest's patient id ("" if none); then one column per --subgroups column.
 
 Empty masks (normal images): both conventions are reported, since papers differ:
   (a) "_a": an image whose true mask (or, per class, whose channel's true mask) is empty is left out of the
@@ -32,9 +45,23 @@ Summaries (mean, population std, median, n) are given for benign+malignant image
 protocol; its dice_a is THE lesion Dice) and for all images ("all"). Image-level classification: confusion
 matrix (rows true, columns predicted), accuracy, per-class sensitivity and specificity.
 
-Written to out_dir: per_image.csv, summary.json, confusion_matrix.png, dice_per_class.png; the best/worst
-gallery (it holds image pixels) goes to gallery_dir, by default a git-ignored folder (out_dir/gallery when
-out_dir is itself ignored or outside the repository, else private/eval_gallery/...).
+The figures that matter on another scanner's images (summary "figures", printed after the table): lesion
+Dice and IoU (lesion images), the complete-miss rate (lesion images), the share of normal images given a
+lesion, benign-vs-malignant ROC-AUC of the malignancy over lesion images (an image with no malignancy counts
+0.5: no opinion), sensitivity and specificity for malignant with malignancy >= 0.5 called malignant (no
+malignancy: not called), and the expected calibration error of the malignancy (10 equal-width bins; table in
+"reliability", picture reliability.png). "intervals": 95% percentile bootstrap intervals (--bootstrap
+resamples, seed 0) of lesion Dice, IoU, miss rate, normal false-positive share and AUC, drawing whole
+patients when the data has patient ids, else images. "subgroups": those figures for every value of every
+--subgroups manifest column.
+
+--tune_threshold runs the network once and sweeps threshold x min_area (x normal_gate for a checkpoint with a
+head) on these images (validation images only!), choosing the highest mean Dice (b) over all images (ties:
+threshold nearest 0.5, then the smaller min_area, then the higher gate), then evaluates at that setting.
+
+Written to out_dir: per_image.csv, summary.json, confusion_matrix.png, dice_per_class.png, reliability.png;
+the best/worst gallery (it holds image pixels) goes to gallery_dir, by default a git-ignored folder
+(out_dir/gallery when out_dir is itself ignored or outside the repository, else private/eval_gallery/...).
 
 K-fold: a split file made with train.py --folds K holds all folds; --fold i (default: the checkpoint's own
 fold) evaluates fold i's validation images. --gather "runs/fold*/eval/summary.json" combines the per-fold
@@ -58,7 +85,9 @@ import numpy as np
 import torch
 
 from dataset import CLASS_NAMES, LESION_CLASSES, DataError, LoadedSet, save_json_atomic
-from predict import decide, to_original
+from metrics import (bootstrap_ci, classification_summary, complete_miss, confusion, dice_iou, dice_iou_counts,
+                     expected_calibration_error, hd95, nanmean, precision_recall, roc_auc, sens_spec, stats)
+from predict import decide, min_area_at, split_output, to_original
 
 log = logging.getLogger("evaluate")
 
@@ -67,7 +96,7 @@ checkpoint = "checkpoints/busi_unet_resnet18.safetensors"  # the model to evalua
 data_dir = ""                # BUSI-layout folder; empty: the data stored in the checkpoint's training settings
 path_to_images = ""          # or: a folder of images ...
 path_to_masks = ""           # ... and a folder of masks matched by file name
-manifest = ""                # or: a CSV with columns image,mask,label
+manifest = ""                # or: a CSV with columns image,mask,label (optional: patient and any other column)
 default_label = ""           # label for two-folder data whose file names hold no class name
 split_file = ""              # split JSON; empty: the one stored in the checkpoint (or beside it)
 split = "auto"               # val, train or all; auto: val for the checkpoint's own data (at any path) or with split_file, else all
@@ -76,7 +105,11 @@ out_dir = ""                 # where CSV, JSON and plots go; empty: <checkpoint 
 gallery_dir = ""             # best/worst gallery (holds image pixels: keep out of git); empty: a git-ignored folder
 gallery = 6                  # number of best and of worst cases in the gallery (0: none)
 threshold = -1.0             # lesion probability threshold; < 0 uses the checkpoint's
-tune_threshold = False       # sweep thresholds on these images, report each, evaluate at the best (validation only!)
+min_area = -1.0              # smallest lesion component kept, in pixels at the network's input size; < 0 uses the checkpoint's (0 if none)
+normal_gate = -1.0           # with a classification head: clear the mask when P(normal) >= this; < 0 uses the checkpoint's (1.0 if none)
+tune_threshold = False       # sweep threshold, min_area (and normal_gate) on these images, report each, evaluate at the best (validation only!)
+subgroups = ""               # manifest columns for per-subgroup rows, comma-separated, e.g. doppler,marks
+bootstrap = 1000             # bootstrap resamples for the 95% intervals (by patient where the data has patient ids; 0: none)
 tta = False                  # average with the mirrored image
 device = "auto"              # auto, cpu, cuda, mps
 batch_size = 8               # images per forward pass
@@ -90,83 +123,18 @@ IGNORED_DIRS = ("runs", "private", "data", "sample_predictions/busi")
 # Per-image metric columns, in the order of the CSV and the printed table.
 METRIC_KEYS = ("dice_a", "iou_a", "dice_b", "iou_b", "precision", "recall", "hd95",
                *[f"{m}_{c}_{conv}" for c in LESION_CLASSES for conv in ("a", "b") for m in ("dice", "iou")])
+# Per-image numbers beside the metrics (NaN where they do not apply: see the module docstring).
+IMAGE_KEYS = ("malignancy", "p_normal", "complete_miss", "false_positive")
 CSV_FIELDS = ["file", "true_label", "pred_label", "confidence", *METRIC_KEYS, "true_area", "pred_area",
-              *[f"pred_area_{c}" for c in LESION_CLASSES], "height", "width"]
+              *[f"pred_area_{c}" for c in LESION_CLASSES], "height", "width", *IMAGE_KEYS, "patient"]
+
+MALIGNANCY_CUTOFF = 0.5  # malignancy at or above it calls an image malignant (as predict.decide does with a head)
+NO_MALIGNANCY = 0.5      # the score a lesion image with no malignancy gets in the AUC and the calibration
+FIGURE_KEYS = ("lesion_dice", "lesion_iou", "miss_rate", "normal_fp_share", "auc")  # with intervals, per subgroup
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Metric functions (numpy bool masks)
-# ---------------------------------------------------------------------------------------------------------
-
-def dice_iou(pred: np.ndarray, true: np.ndarray, empty_score: float = 1.0) -> tuple[float, float]:
-    """Dice and IoU of two bool masks. Both empty: empty_score (convention b: 1.0; NaN to leave it out)."""
-    pred, true = np.asarray(pred, bool), np.asarray(true, bool)
-    inter = int(np.logical_and(pred, true).sum())
-    total = int(pred.sum()) + int(true.sum())
-    if total == 0:
-        return float(empty_score), float(empty_score)
-    return 2.0 * inter / total, inter / (total - inter)
-
-
-def precision_recall(pred: np.ndarray, true: np.ndarray) -> tuple[float, float]:
-    """Pixel precision and recall; NaN where undefined (no predicted / no true pixels)."""
-    pred, true = np.asarray(pred, bool), np.asarray(true, bool)
-    tp = int(np.logical_and(pred, true).sum())
-    p, t = int(pred.sum()), int(true.sum())
-    return (tp / p if p else float("nan")), (tp / t if t else float("nan"))
-
-
-def surface(mask: np.ndarray) -> np.ndarray:
-    """Boundary pixels of a bool mask: mask pixels with a 4-neighbour outside it (the image edge counts as
-    outside), i.e. mask XOR its erosion by the cross-shaped element, as MedPy's surface distances use."""
-    from scipy import ndimage
-    mask = np.asarray(mask, bool)
-    return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(2, 1), border_value=0)
-
-
-def surface_distances(pred: np.ndarray, true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(distance of each boundary pixel of pred to true's boundary, and of each of true's to pred's), pixels."""
-    from scipy import ndimage
-    sp, st = surface(pred), surface(true)
-    return ndimage.distance_transform_edt(~st)[sp], ndimage.distance_transform_edt(~sp)[st]
-
-
-def hd95(pred: np.ndarray, true: np.ndarray) -> float:
-    """95th percentile of the symmetric surface distance in pixels (MedPy's hd95: both directions pooled,
-    numpy's linear percentile). NaN when either mask is empty."""
-    pred, true = np.asarray(pred, bool), np.asarray(true, bool)
-    if not pred.any() or not true.any():
-        return float("nan")
-    a, b = surface_distances(pred, true)
-    return float(np.percentile(np.hstack([a, b]), 95))
-
-
-def confusion(true_labels: list[str], pred_labels: list[str], classes=CLASS_NAMES) -> np.ndarray:
-    """Rows: true class, columns: predicted class."""
-    m = np.zeros((len(classes), len(classes)), dtype=int)
-    for t, p in zip(true_labels, pred_labels):
-        m[classes.index(t), classes.index(p)] += 1
-    return m
-
-
-def classification_summary(cm: np.ndarray, classes=CLASS_NAMES) -> dict:
-    """Accuracy and one-vs-rest sensitivity (recall) and specificity of each class from a confusion matrix."""
-    cm = np.asarray(cm)
-    total = int(cm.sum())
-    out = {"accuracy": float(np.trace(cm) / total) if total else float("nan"), "confusion_matrix": cm.tolist(),
-           "classes": list(classes), "n_images": total}
-    for i, c in enumerate(classes):
-        tp = cm[i, i]
-        fn = cm[i].sum() - tp
-        fp = cm[:, i].sum() - tp
-        tn = total - tp - fn - fp
-        out[f"sensitivity_{c}"] = float(tp / (tp + fn)) if tp + fn else float("nan")
-        out[f"specificity_{c}"] = float(tn / (tn + fp)) if tn + fp else float("nan")
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Evaluating a loaded set
+# Scoring one image
 # ---------------------------------------------------------------------------------------------------------
 
 def image_metrics(decision, true_mask: np.ndarray, true_label: str, with_hd95: bool = True) -> dict:
@@ -182,7 +150,10 @@ def image_metrics(decision, true_mask: np.ndarray, true_label: str, with_hd95: b
            "dice_b": dice_b, "iou_b": iou_b, "precision": prec, "recall": rec,
            "hd95": hd95(pred, true_mask) if with_hd95 else nan,
            "true_area": int(true_mask.sum()), "pred_area": int(pred.sum()),
-           "height": int(true_mask.shape[0]), "width": int(true_mask.shape[1])}
+           "height": int(true_mask.shape[0]), "width": int(true_mask.shape[1]),
+           "malignancy": float(decision.malignancy), "p_normal": float(decision.p_normal),
+           "complete_miss": int(complete_miss(pred, true_mask)) if true_label in LESION_CLASSES else nan,
+           "false_positive": int(pred.any()) if true_label == "normal" else nan}
     empty = np.zeros_like(true_mask, dtype=bool)
     for c, name in enumerate(LESION_CLASSES):
         t = true_mask if true_label == name else empty
@@ -194,23 +165,95 @@ def image_metrics(decision, true_mask: np.ndarray, true_label: str, with_hd95: b
     return row
 
 
-def _stats(values) -> dict:
-    """mean, population std (ddof 0), median and count of the defined (non-NaN) values."""
-    a = np.asarray([v for v in values if v is not None and v == v], dtype=float)
-    if a.size == 0:
-        return {"mean": float("nan"), "std": float("nan"), "median": float("nan"), "n": 0}
-    return {"mean": float(a.mean()), "std": float(a.std()), "median": float(np.median(a)), "n": int(a.size)}
+def sample_row(sample, decision, true_mask: np.ndarray, with_hd95: bool = True, subgroups=()) -> dict:
+    """The per-image row of one dataset.Sample: file key, patient, metrics and its subgroup values. The
+    patient is prefixed with the sample's source in multi-source data, like the file key."""
+    patient, source = getattr(sample, "patient", ""), getattr(sample, "source", "")
+    attrs = dict(getattr(sample, "attrs", ()))
+    return {"file": sample.key, **image_metrics(decision, true_mask, sample.label, with_hd95),
+            "patient": f"{source}/{patient}" if source and patient else patient,
+            **{c: attrs.get(c, "") for c in subgroups}}
 
 
-def summarize(rows: list[dict]) -> dict:
+# ---------------------------------------------------------------------------------------------------------
+# Summaries of per-image rows
+# ---------------------------------------------------------------------------------------------------------
+
+def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
+    """The per-image numbers the figures need, as arrays over the rows (missing or empty cells: NaN)."""
+    def col(key: str) -> np.ndarray:
+        return np.asarray([float("nan") if r.get(key) in (None, "") else float(r[key]) for r in rows], dtype=float)
+    label = np.asarray([r["true_label"] for r in rows], dtype=str)
+    mal = col("malignancy")
+    return {"lesion": np.isin(label, LESION_CLASSES), "normal": label == "normal", "malignant": label == "malignant",
+            "dice": col("dice_a"), "iou": col("iou_a"), "miss": col("complete_miss"), "fp": col("false_positive"),
+            "score": np.where(np.isnan(mal), NO_MALIGNANCY, mal), "called": mal >= MALIGNANCY_CUTOFF,
+            "unscored": np.isnan(mal)}
+
+
+def _take(cols: dict[str, np.ndarray], index) -> dict[str, np.ndarray]:
+    return {k: v[index] for k, v in cols.items()}
+
+
+FIGURES = {  # name: function of _columns(rows)
+    "lesion_dice": lambda c: nanmean(c["dice"][c["lesion"]]),
+    "lesion_iou": lambda c: nanmean(c["iou"][c["lesion"]]),
+    "miss_rate": lambda c: nanmean(c["miss"][c["lesion"]]),
+    "normal_fp_share": lambda c: nanmean(c["fp"][c["normal"]]),
+    "auc": lambda c: roc_auc(c["malignant"][c["lesion"]], c["score"][c["lesion"]]),
+}
+
+
+def figures(rows: list[dict]) -> tuple[dict, list[dict]]:
+    """(the off-domain figures, the reliability table of the malignancy on lesion images)."""
+    c = _columns(rows)
+    les = c["lesion"]
+    sens, spec = sens_spec(c["malignant"][les], c["called"][les])
+    ece, table = expected_calibration_error(c["malignant"][les], c["score"][les], bins=10)
+    return {"n_lesion": int(les.sum()), "n_normal": int(c["normal"].sum()),
+            **{k: FIGURES[k](c) for k in FIGURE_KEYS},
+            "sensitivity_malignant": sens, "specificity_malignant": spec, "malignancy_cutoff": MALIGNANCY_CUTOFF,
+            "ece": ece, "n_lesion_without_malignancy": int(c["unscored"][les].sum())}, table
+
+
+def intervals(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
+    """95% percentile bootstrap intervals [low, high] of FIGURE_KEYS: whole patients are drawn when any row
+    has a patient id (a row without one is its own unit), else single images."""
+    c = _columns(rows)
+    patients = [r.get("patient") or "" for r in rows]
+    groups = [p or f"\0image {i}" for i, p in enumerate(patients)] if any(patients) else None
+    out: dict = {"n_boot": n_boot, "seed": seed, "level": 0.95, "resampled_by": "patient" if groups else "image",
+                 "n_units": len(set(groups)) if groups else len(rows)}
+    index = np.arange(len(rows))
+    for k in FIGURE_KEYS:
+        out[k] = list(bootstrap_ci(index, lambda i, f=FIGURES[k]: f(_take(c, i)), groups, n_boot, seed))
+    return out
+
+
+def subgroup_rows(rows: list[dict], columns) -> list[dict]:
+    """FIGURE_KEYS and counts for every value of every subgroup column."""
+    c = _columns(rows)
+    out = []
+    for col in columns:
+        values = np.asarray([str(r.get(col, "")) for r in rows], dtype=str)
+        for v in sorted(set(values.tolist())):
+            sub = _take(c, values == v)
+            out.append({"column": col, "value": v, "n": int((values == v).sum()), "n_lesion": int(sub["lesion"].sum()),
+                        "n_normal": int(sub["normal"].sum()), **{k: FIGURES[k](sub) for k in FIGURE_KEYS}})
+    return out
+
+
+def summarize(rows: list[dict], subgroups=(), n_boot: int = 0) -> dict:
     """Mean/std/median of every metric for the lesion subset (benign+malignant) and for all images, the
-    image-level judgement of empty masks (convention a), and the image-level classification."""
+    image-level judgement of empty masks (convention a), the image-level classification, the off-domain
+    figures with the reliability table, per-subgroup rows (when columns are given) and bootstrap intervals
+    (when n_boot > 0)."""
     out = {}
     subsets = {"lesion": [r for r in rows if r["true_label"] in LESION_CLASSES], "all": rows}
     for name, rs in subsets.items():
         s: dict = {"n_images": len(rs)}
         for key in METRIC_KEYS:
-            s[key] = _stats(r[key] for r in rs)
+            s[key] = stats(r[key] for r in rs)
         empty = [r for r in rs if r["true_area"] == 0]
         tn = sum(r["pred_area"] == 0 for r in empty)
         s["empty_masks"] = {"n": len(empty), "true_negative": tn, "false_positive": len(empty) - tn,
@@ -218,69 +261,76 @@ def summarize(rows: list[dict]) -> dict:
         out[name] = s
     out["classification"] = classification_summary(confusion([r["true_label"] for r in rows],
                                                              [r["pred_label"] for r in rows]))
+    out["figures"], out["reliability"] = figures(rows)
+    if subgroups:
+        out["subgroups"] = subgroup_rows(rows, subgroups)
+    if n_boot > 0:
+        out["intervals"] = intervals(rows, n_boot)
     return out
+
+
+def headline(summary: dict) -> dict:
+    """The few numbers logged every epoch and shown first."""
+    f = summary.get("figures", {})
+    return {"dice": summary["lesion"]["dice_a"]["mean"], "iou": summary["lesion"]["iou_a"]["mean"],
+            "dice_all_b": summary["all"]["dice_b"]["mean"], "accuracy": summary["classification"]["accuracy"],
+            **{k: f.get(k, float("nan")) for k in ("miss_rate", "normal_fp_share", "auc")}}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluating a loaded set
+# ---------------------------------------------------------------------------------------------------------
+
+def _predicted_batches(predictor, data: LoadedSet, batch_size: int, tta: bool):
+    """(index of the batch's first image, lesion logits float32, image-label logits float32 or None) for
+    every batch of the set, in order. The predictor returns lesion logits, or (lesion, label) logits."""
+    for i in range(0, len(data), batch_size):
+        seg, cls = split_output(predictor(data.images[i:i + batch_size], batch_size, tta))
+        yield i, seg.float(), (None if cls is None else cls.float())
+
+
+def _probabilities(seg: torch.Tensor, cls: torch.Tensor | None):
+    """(lesion probabilities C x S x S, class probabilities over CLASS_NAMES or None) for each image."""
+    if cls is not None and cls.shape[-1] != len(CLASS_NAMES):
+        raise DataError(f"the classification head gives {cls.shape[-1]} classes, expected {len(CLASS_NAMES)} "
+                        f"({', '.join(CLASS_NAMES)})")
+    probs = torch.sigmoid(seg)
+    cls_probs = None if cls is None else torch.softmax(cls, dim=-1)
+    for j in range(seg.shape[0]):
+        yield probs[j], (None if cls_probs is None else cls_probs[j])
+
+
+def _area_px(min_area: float, data: LoadedSet, shape: tuple[int, int]) -> float:
+    """A minimum area in pixels of the network input, in pixels of an image of this shape."""
+    return min_area_at({"image_size": data.images.shape[-1], "min_area": min_area}, shape)
 
 
 def evaluate_set(predictor, data: LoadedSet, threshold: float, batch_size: int = 8, tta: bool = False,
-                 with_hd95: bool = True, masks: dict | None = None) -> tuple[list[dict], dict]:
+                 with_hd95: bool = True, masks: dict | None = None, *, min_area: float = 0.0,
+                 normal_gate: float = 1.0, subgroups=(), n_boot: int = 0) -> tuple[list[dict], dict]:
     """Predict every image of a loaded set and score it at its original resolution.
 
-    predictor: callable (uint8 N x 1 x S x S, batch size, tta) -> logits N x C x S x S.
+    predictor: callable (uint8 N x 1 x S x S, batch size, tta) -> lesion logits N x C x S x S, or a tuple
+    (lesion logits, image-label logits N x 3 over CLASS_NAMES) for a model with a classification head.
+    min_area (pixels at the network's input size) and normal_gate: predict.decide's post-processing.
     masks: if a dict is given, each image's predicted lesion mask is stored in it (packed bits, see unpack_mask).
+    subgroups: manifest columns copied into the rows and summarised per value; n_boot: bootstrap resamples.
     Returns (per-image rows, summary). The summary's "val_loss" is the pixel-wise BCE at network resolution.
     """
     rows, bce_sum = [], 0.0
-    for i, logits in _predicted_batches(predictor, data, batch_size, tta):
+    for i, seg, cls in _predicted_batches(predictor, data, batch_size, tta):
         target = torch.as_tensor(data.targets[i:i + batch_size]).float()
-        bce_sum += float(torch.nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="sum"))
-        probs = torch.sigmoid(logits)
-        for j in range(logits.shape[0]):
-            s = data.samples[i + j]
-            full = data.full_masks[i + j]
-            d = decide(to_original(probs[j], full.shape), threshold)
-            rows.append({"file": s.key, **image_metrics(d, full, s.label, with_hd95)})
+        bce_sum += float(torch.nn.functional.binary_cross_entropy_with_logits(seg, target, reduction="sum"))
+        for j, (probs, cls_probs) in enumerate(_probabilities(seg, cls)):
+            s, full = data.samples[i + j], data.full_masks[i + j]
+            d = decide(to_original(probs, full.shape), threshold, _area_px(min_area, data, full.shape), cls_probs,
+                       normal_gate)
+            rows.append(sample_row(s, d, full, with_hd95, subgroups))
             if masks is not None:
                 masks[s.key] = (np.packbits(d.lesion), d.lesion.shape)
-    summary = summarize(rows)
+    summary = summarize(rows, subgroups, n_boot)
     summary["val_loss"] = bce_sum / max(1, data.targets.size)
     return rows, summary
-
-
-def _predicted_batches(predictor, data: LoadedSet, batch_size: int, tta: bool):
-    """(index of the batch's first image, its logits as float32) for every batch of the set, in order."""
-    for i in range(0, len(data), batch_size):
-        yield i, predictor(data.images[i:i + batch_size], batch_size, tta).float()
-
-
-THRESHOLD_GRID = tuple(round(0.05 * k, 2) for k in range(2, 19))  # 0.10, 0.15, ..., 0.90
-
-
-def threshold_sweep(predictor, data: LoadedSet, grid=THRESHOLD_GRID, batch_size: int = 8,
-                    tta: bool = False) -> list[dict]:
-    """The headline numbers (lesion Dice/IoU, all-image Dice (b), accuracy) at every threshold of the grid.
-
-    The network runs once; its probabilities, resized to each image's original size, are kept (fp16) and
-    thresholded again for each value. Choose with choose_threshold() on validation images only.
-    """
-    probs_full = []
-    for i, logits in _predicted_batches(predictor, data, batch_size, tta):
-        probs = torch.sigmoid(logits)
-        for j in range(probs.shape[0]):
-            probs_full.append(to_original(probs[j], data.full_masks[i + j].shape).half())
-    out = []
-    for t in grid:
-        rows = [image_metrics(decide(p, t), data.full_masks[k], data.samples[k].label, with_hd95=False)
-                for k, p in enumerate(probs_full)]
-        out.append({"threshold": float(t), **headline(summarize(rows))})
-    return out
-
-
-def choose_threshold(sweep: list[dict]) -> float:
-    """The threshold with the highest mean Dice (b) over ALL images: it rewards lesion overlap and empty
-    predictions on normal images alike, so it cannot buy lesion Dice with false positives. Ties: the one
-    nearest 0.5."""
-    best = max(sweep, key=lambda r: (round(r["dice_all_b"], 6), -abs(r["threshold"] - 0.5)))
-    return best["threshold"]
 
 
 def unpack_mask(packed) -> np.ndarray:
@@ -288,11 +338,120 @@ def unpack_mask(packed) -> np.ndarray:
     return np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape).astype(bool)
 
 
-def headline(summary: dict) -> dict:
-    """The few numbers logged every epoch and shown first."""
-    return {"dice": summary["lesion"]["dice_a"]["mean"], "iou": summary["lesion"]["iou_a"]["mean"],
-            "dice_all_b": summary["all"]["dice_b"]["mean"], "accuracy": summary["classification"]["accuracy"]}
+# ---------------------------------------------------------------------------------------------------------
+# Choosing the post-processing: threshold x minimum area (x normal gate)
+# ---------------------------------------------------------------------------------------------------------
 
+THRESHOLD_GRID = tuple(round(0.05 * k, 2) for k in range(2, 19))  # 0.10, 0.15, ..., 0.90
+MIN_AREA_GRID = (0.0, 10.0, 20.0, 40.0, 80.0, 160.0)              # pixels at the network's input size
+GATE_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)              # only for checkpoints with a head
+
+
+def _component_counts(probs: torch.Tensor, true: np.ndarray, thresholds, areas_px) -> tuple[np.ndarray, ...]:
+    """predict.decide's mask for many settings at once, reduced to what the sweep needs: for each threshold
+    x minimum area (pixels of this image), the overlap with the true mask, the predicted area and the lesion
+    class holding the most probability (index into LESION_CLASSES). Each threshold's connected components
+    (8-connectivity) are labelled once; a minimum area keeps those of at least that many pixels."""
+    from scipy import ndimage
+    p = probs.float().numpy()
+    top = p.max(0)
+    shape = (len(thresholds), len(areas_px))
+    inter, area, cls = np.zeros(shape), np.zeros(shape), np.zeros(shape, dtype=int)
+    for ti, t in enumerate(thresholds):
+        lab, n = ndimage.label(top > np.float32(t), structure=np.ones((3, 3), bool))
+        if n == 0:
+            continue
+        flat = lab.ravel()
+        size = np.bincount(flat, minlength=n + 1)[1:]
+        over = np.bincount(flat, weights=true.ravel(), minlength=n + 1)[1:]
+        mass = np.stack([np.bincount(flat, weights=ch.ravel(), minlength=n + 1)[1:] for ch in p])
+        for ai, a in enumerate(areas_px):
+            keep = size >= a
+            inter[ti, ai], area[ti, ai] = over[keep].sum(), size[keep].sum()
+            cls[ti, ai] = int(mass[:, keep].sum(1).argmax())
+    return inter, area, cls
+
+
+def _head_view(cls_probs: torch.Tensor | None) -> tuple[float, float]:
+    """(P(normal), malignancy) of the head as predict.decide reads them; (NaN, NaN) without a head."""
+    if cls_probs is None:
+        return float("nan"), float("nan")
+    d = decide(torch.zeros(len(LESION_CLASSES), 1, 1), 1.0, cls_probs=cls_probs)  # nothing passes 1.0
+    return d.p_normal, d.malignancy
+
+
+def _sweep_figures(inter, area, true_area, labels, pred_idx) -> dict[str, np.ndarray]:
+    """The sweep's headline numbers, each an array over the settings, from per-image counts (arrays images x
+    thresholds x minimum areas; true_area images x 1 x 1) and the predicted class index of each."""
+    dice_b, iou_b = dice_iou_counts(inter, area, true_area)
+    lesion, normal = np.isin(labels, LESION_CLASSES), labels == "normal"
+    measured = lesion & (true_area[:, 0, 0] > 0)
+    true_idx = np.asarray([CLASS_NAMES.index(t) for t in labels])
+    shape = inter.shape[1:]
+
+    def mean(v, sel):
+        return v[sel].mean(0) if sel.any() else np.full(shape, np.nan)
+    return {"dice": mean(dice_b, measured), "iou": mean(iou_b, measured), "dice_all_b": dice_b.mean(0),
+            "accuracy": (pred_idx == true_idx[:, None, None]).mean(0),
+            "miss_rate": mean((true_area > 0) & (inter == 0), lesion), "normal_fp_share": mean(area > 0, normal)}
+
+
+def _sweep_rows(counts, data: LoadedSet, heads, thresholds, min_areas, gates) -> list[dict]:
+    """One row per threshold x min_area x gate from the per-image counts of _component_counts."""
+    inter, area, cls = (np.stack([c[k] for c in counts]) for k in range(3))
+    true_area = np.asarray([m.sum() for m in data.full_masks], dtype=float)[:, None, None]
+    labels = np.asarray([s.label for s in data.samples], dtype=str)
+    p_normal, malignancy = (np.asarray([h[k] for h in heads], dtype=float)[:, None, None] for k in range(2))
+    lesion_idx = np.asarray([CLASS_NAMES.index(c) for c in LESION_CLASSES])
+    by_gate = []
+    for g in gates:
+        gated = p_normal >= g  # NaN (no head): never
+        a, i_ = np.where(gated, 0.0, area), np.where(gated, 0.0, inter)
+        called = np.where(np.isnan(malignancy), lesion_idx[cls],
+                          np.where(malignancy >= MALIGNANCY_CUTOFF, CLASS_NAMES.index("malignant"),
+                                   CLASS_NAMES.index("benign")))
+        pred_idx = np.where(a > 0, called, CLASS_NAMES.index("normal"))
+        by_gate.append(_sweep_figures(i_, a, true_area, labels, pred_idx))
+    return [{"threshold": float(t), "min_area": float(m), "normal_gate": float(g),
+             **{k: float(v[ti, ai]) for k, v in by_gate[gi].items()}}
+            for ti, t in enumerate(thresholds) for ai, m in enumerate(min_areas) for gi, g in enumerate(gates)]
+
+
+def threshold_sweep(predictor, data: LoadedSet, grid=THRESHOLD_GRID, batch_size: int = 8, tta: bool = False,
+                    min_areas=(0.0,), gates=(1.0,)) -> list[dict]:
+    """The headline numbers (lesion Dice/IoU, all-image Dice (b), accuracy, miss rate, normal false-positive
+    share) at every threshold x minimum area (pixels at the network's input size) x normal gate (used only
+    when the predictor has a classification head; else 1.0 alone).
+
+    The network runs once; each image's probabilities, resized to its original size, are reduced at once to
+    the counts every setting needs (_component_counts), so nothing of full size is kept. Choose with
+    choose_setting() on validation images only.
+    """
+    counts, heads = [], []
+    for i, seg, cls in _predicted_batches(predictor, data, batch_size, tta):
+        for j, (probs, cls_probs) in enumerate(_probabilities(seg, cls)):
+            full = data.full_masks[i + j]
+            areas = [_area_px(a, data, full.shape) for a in min_areas]
+            counts.append(_component_counts(to_original(probs, full.shape), full, grid, areas))
+            heads.append(_head_view(cls_probs))
+    if not counts:
+        return []
+    if any(np.isnan(h[0]) for h in heads):
+        gates = (1.0,)
+    return _sweep_rows(counts, data, heads, grid, min_areas, gates)
+
+
+def choose_setting(sweep: list[dict]) -> dict:
+    """The sweep row with the highest mean Dice (b) over ALL images: it rewards lesion overlap and empty
+    predictions on normal images alike, so it cannot buy lesion Dice with false positives. Ties: the
+    threshold nearest 0.5, then the smaller min_area, then the higher normal_gate (1.0: no gate)."""
+    return max(sweep, key=lambda r: (round(r["dice_all_b"], 6), -abs(r["threshold"] - 0.5),
+                                     -r.get("min_area", 0.0), r.get("normal_gate", 1.0)))
+
+
+def choose_threshold(sweep: list[dict]) -> float:
+    """The threshold of choose_setting(sweep)."""
+    return choose_setting(sweep)["threshold"]
 
 # ---------------------------------------------------------------------------------------------------------
 # Reports
@@ -326,21 +485,63 @@ def format_table(summary: dict) -> str:
         lines.append(f"validation loss (BCE) {summary['val_loss']:.5f}")
     lines.append(f"lesion Dice (benign+malignant, convention a): {_num(summary['lesion']['dice_a']['mean'], 0)}  "
                  f"IoU {_num(summary['lesion']['iou_a']['mean'], 0)}  (n={summary['lesion']['dice_a']['n']})")
+    return "\n".join(lines + format_figures(summary))
+
+
+def format_figures(summary: dict) -> list[str]:
+    """The off-domain figures, with their bootstrap intervals in brackets, and the subgroup rows."""
+    f, ci = summary.get("figures"), summary.get("intervals", {})
+    if not f:
+        return []
+
+    def v(key: str) -> str:
+        text = _num(f[key], 0)
+        return text + (f" [{_num(ci[key][0], 0)}, {_num(ci[key][1], 0)}]" if key in ci else "")
+    lines = [f"lesion images ({f['n_lesion']}): Dice {v('lesion_dice')}  IoU {v('lesion_iou')}  "
+             f"complete misses {v('miss_rate')}",
+             f"normal images ({f['n_normal']}): share given a lesion {v('normal_fp_share')}",
+             f"benign vs malignant (malignancy, lesion images): ROC-AUC {v('auc')}  at {f['malignancy_cutoff']}: "
+             f"sensitivity {_num(f['sensitivity_malignant'], 0)} specificity {_num(f['specificity_malignant'], 0)}  "
+             f"ECE {_num(f['ece'], 0)}"]
+    if ci:
+        lines.append(f"[95% bootstrap intervals: {ci['n_boot']} resamples of {ci['n_units']} "
+                     f"{'patients' if ci['resampled_by'] == 'patient' else 'images'}]")
+    if summary.get("subgroups"):
+        lines.append(f"{'subgroup':<24}{'n':>6}{'lesion':>8}{'normal':>8}{'Dice':>8}{'IoU':>8}{'miss':>8}"
+                     f"{'normal FP':>10}{'AUC':>8}")
+        for r in summary["subgroups"]:
+            lines.append(f"{(r['column'] + '=' + r['value'])[:23]:<24}{r['n']:>6}{r['n_lesion']:>8}{r['n_normal']:>8}"
+                         + "".join(_num(r[k], w) for k, w in zip(FIGURE_KEYS, (8, 8, 8, 10, 8))))
+    return lines
+
+
+def format_sweep(sweep: list[dict], chosen: dict | None = None) -> str:
+    """Tables of the sweep at the chosen normal gate (rows: threshold, columns: min_area), and the chosen
+    threshold and min_area across the gates when there are several."""
+    chosen = chosen or choose_setting(sweep)
+    gate = chosen.get("normal_gate", 1.0)
+    at_gate = {(r["threshold"], r.get("min_area", 0.0)): r for r in sweep if r.get("normal_gate", 1.0) == gate}
+    thresholds, areas = sorted({t for t, _ in at_gate}), sorted({a for _, a in at_gate})
+    lines = []
+    for key, title in (("dice_all_b", "Dice (b) over all images (the criterion)"), ("dice", "lesion Dice"),
+                       ("normal_fp_share", "share of normal images given a lesion")):
+        lines.append(f"{title}{f' at normal_gate {gate}' if gate < 1 else ''}; rows: threshold, "
+                     f"columns: min_area (pixels at the network's input size)")
+        lines.append(f"{'':>9}" + "".join(f"{a:>9g}" for a in areas))
+        lines += [f"{t:>9.2f}" + "".join(_num(at_gate[(t, a)][key], 9) for a in areas) for t in thresholds]
+    gates = [r for r in sweep if (r["threshold"], r.get("min_area", 0.0)) == (chosen["threshold"],
+                                                                              chosen.get("min_area", 0.0))]
+    if len(gates) > 1:
+        lines.append(f"at threshold {chosen['threshold']}, min_area {chosen.get('min_area', 0.0):g}: "
+                     + ", ".join(f"normal_gate {r['normal_gate']}: Dice (b) {_num(r['dice_all_b'], 0)}" for r in gates))
     return "\n".join(lines)
 
 
-def format_sweep(sweep: list[dict]) -> str:
-    lines = [f"{'threshold':>9}{'lesion Dice':>13}{'lesion IoU':>12}{'Dice (b) all':>14}{'accuracy':>10}"]
-    for r in sweep:
-        lines.append(f"{r['threshold']:>9.2f}{_num(r['dice'], 13)}{_num(r['iou'], 12)}{_num(r['dice_all_b'], 14)}"
-                     f"{_num(r['accuracy'], 10)}")
-    return "\n".join(lines)
-
-
-def write_rows(path: Path, rows: list[dict]) -> None:
-    """The per-image CSV; undefined values (NaN) are written as empty cells."""
+def write_rows(path: Path, rows: list[dict], extra_fields=()) -> None:
+    """The per-image CSV (CSV_FIELDS, then extra_fields: the subgroup columns); undefined values (NaN) are
+    written as empty cells."""
     with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=[*CSV_FIELDS, *extra_fields], extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else f"{v:.6f}" if isinstance(v, float)
@@ -356,7 +557,7 @@ def read_rows(path: Path) -> list[dict]:
             for k in list(r):
                 if k in ints:
                     r[k] = int(r[k])
-                elif k in METRIC_KEYS or k == "confidence":
+                elif k in METRIC_KEYS or k in IMAGE_KEYS or k == "confidence":
                     r[k] = float(r[k]) if r[k] != "" else float("nan")
             out.append(r)
     return out
@@ -396,6 +597,33 @@ def plot_confusion(path: Path, summary: dict) -> None:
     ax.set_ylabel("true")
     acc = c["accuracy"]
     ax.set_title(f"image-level accuracy {acc:.3f}" if acc is not None and acc == acc else "image-level")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_reliability(path: Path, summary: dict) -> None:
+    """Reliability diagram of the malignancy on lesion images: the observed share of malignant images in
+    each probability bin against the bin's mean malignancy (the diagonal is perfect calibration)."""
+    plt = _plt()
+    table = [b for b in summary["reliability"] if b["count"]]
+    f = summary["figures"]
+    fig, ax = plt.subplots(figsize=(4.4, 4.2))
+    ax.plot([0, 1], [0, 1], ls="--", lw=1, color="grey", label="perfectly calibrated")
+    width = summary["reliability"][0]["upper"] - summary["reliability"][0]["lower"]
+    ax.bar([b["lower"] + width / 2 for b in table], [b["observed"] for b in table], width=0.9 * width, alpha=0.35,
+           color="tab:blue", label="share malignant in the bin")
+    ax.plot([b["mean_prob"] for b in table], [b["observed"] for b in table], "o-", ms=4, color="tab:red",
+            label="at the bin's mean malignancy")
+    for b in table:
+        ax.text(b["lower"] + width / 2, min(1.0, b["observed"]) + 0.02, str(b["count"]), ha="center", fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.08)
+    ax.set_xlabel("predicted malignancy")
+    ax.set_ylabel("observed share malignant")
+    ece = f["ece"]
+    ax.set_title(f"lesion images (n={f['n_lesion']}): ECE {ece:.3f}" if ece == ece else "lesion images", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -492,6 +720,7 @@ GATHER_KEYS = {  # name in the fold table: path in summary.json (a stats dict's 
     **{f"dice_{c}": ("lesion", f"dice_{c}_a") for c in LESION_CLASSES},
     "all_dice_b": ("all", "dice_b"), "all_iou_b": ("all", "iou_b"),
     "accuracy": ("classification", "accuracy"),
+    **{k: ("figures", k) for k in ("miss_rate", "normal_fp_share", "auc", "ece")},
     **{f"{m}_{c}": ("classification", f"{m}_{c}") for c in CLASS_NAMES for m in ("sensitivity", "specificity")},
 }
 
@@ -681,63 +910,119 @@ def default_out_dir(cfg: dict, split_: str) -> Path:
     return parent / f"eval_{name or 'data'}_{split_}"
 
 
-def run(cfg: dict) -> dict:
-    from predict import load_predictor, pick_device
-    if cfg["gather"]:
-        result = gather_folds(cfg["gather"])
-        print(format_gather(result))
-        if cfg["out_dir"]:
-            out = Path(cfg["out_dir"])
-            out.mkdir(parents=True, exist_ok=True)
-            save_json_atomic(out / "folds_summary.json", json_safe(result))
-            with open(out / "folds.csv", "w", newline="", encoding="utf-8") as f:
-                w = csv.DictWriter(f, fieldnames=["file", "fold", "n_images", *GATHER_KEYS])
-                w.writeheader()
-                w.writerows(json_safe(result["folds"]))
-            print(f"wrote {out}/folds_summary.json, folds.csv")
-        return result
-    dev = pick_device(cfg["device"])
-    predictor, meta = load_predictor(cfg["checkpoint"], dev)
-    thr = cfg["threshold"] if cfg["threshold"] >= 0 else float(meta.get("threshold", 0.5))
-    data, info = load_eval_set(cfg, meta)
-    if len(data) == 0:
-        raise DataError("no images to evaluate")
-    sweep = None
-    if cfg["tune_threshold"]:
-        if info["split"] != "val":
-            log.warning("--tune_threshold on the %s images: choose a threshold on validation images only",
-                        info["split"])
-        sweep = threshold_sweep(predictor, data, batch_size=cfg["batch_size"], tta=cfg["tta"])
-        print(format_sweep(sweep))
-        thr = choose_threshold(sweep)
-        print(f"chosen threshold {thr} (highest mean Dice (b) over all images); store it with "
-              f"ship_checkpoint.py --threshold {thr}")
-    want_gallery = cfg["gallery"] > 0
-    masks: dict | None = {} if want_gallery else None
-    rows, summary = evaluate_set(predictor, data, thr, cfg["batch_size"], cfg["tta"], masks=masks)
-    if sweep is not None:
-        summary["threshold_sweep"] = sweep
-    summary.update(checkpoint=str(cfg["checkpoint"]), epoch=meta.get("epoch"), threshold=thr, tta=cfg["tta"],
-                   **info, conventions={
-                       "a": "empty true mask: left out of the Dice/IoU mean, judged at image level (empty_masks)",
-                       "b": "empty true mask: empty prediction scores 1, non-empty prediction scores 0"})
-    out = Path(cfg["out_dir"]) if cfg["out_dir"] else default_out_dir(cfg, info["split"])
+def post_processing(cfg: dict, meta: dict) -> dict:
+    """threshold, min_area (pixels at the network's input size) and normal_gate: each from the command line,
+    or, when negative there, from the checkpoint (0.5, 0 and 1.0 when it holds none)."""
+    stored = {"threshold": 0.5, "min_area": 0.0, "normal_gate": 1.0}
+    return {k: float(cfg[k]) if cfg[k] >= 0 else float(meta.get(k) if meta.get(k) is not None else default)
+            for k, default in stored.items()}
+
+
+def subgroup_columns(cfg: dict, meta: dict, samples: list) -> tuple[str, ...]:
+    """The --subgroups columns, each checked against the columns of the data's manifest."""
+    names = tuple(dict.fromkeys(n.strip() for n in cfg["subgroups"].split(",") if n.strip()))
+    if not names:
+        return ()
+    src = cfg if _own_data(cfg) else meta.get("train_config", {})
+    where = src.get("manifest") or f"{src.get('data_dir') or src.get('path_to_images') or 'the data'} (not a manifest)"
+    have = sorted({k for s in samples for k, _ in getattr(s, "attrs", ())})
+    for n in names:
+        if n not in have:
+            raise DataError(f"{where}: no column {n!r} for --subgroups (columns besides image, mask, label and "
+                            f"patient: {', '.join(have) or 'none'})")
+        if n in CSV_FIELDS:
+            raise DataError(f"{where}: column {n!r} has the name of a per_image.csv column; rename it for --subgroups")
+    return names
+
+
+def tune(cfg: dict, predictor, data: LoadedSet, info: dict) -> tuple[list[dict], dict]:
+    """--tune_threshold: the sweep over threshold x min_area (x normal_gate), printed; returns it and the
+    chosen setting."""
+    if info["split"] != "val":
+        log.warning("--tune_threshold on the %s images: choose the post-processing on validation images only",
+                    info["split"])
+    sweep = threshold_sweep(predictor, data, batch_size=cfg["batch_size"], tta=cfg["tta"], min_areas=MIN_AREA_GRID,
+                            gates=GATE_GRID)
+    best = choose_setting(sweep)
+    print(format_sweep(sweep, best))
+    chosen = {"threshold": best["threshold"], "min_area": best["min_area"]}
+    if len({r["normal_gate"] for r in sweep}) > 1:  # a head: the gate was swept too
+        chosen["normal_gate"] = best["normal_gate"]
+    print(f"chosen {', '.join(f'{k} {v:g}' for k, v in chosen.items())} (highest mean Dice (b) over all images); "
+          f"store them with ship_checkpoint.py {' '.join(f'--{k} {v:g}' for k, v in chosen.items())}")
+    return sweep, {k: best[k] for k in ("threshold", "min_area", "normal_gate")}
+
+
+def write_outputs(out: Path, rows: list[dict], summary: dict, subgroups=()) -> list[str]:
+    """per_image.csv, summary.json and the plots into out; returns the names written."""
     out.mkdir(parents=True, exist_ok=True)
-    write_rows(out / "per_image.csv", rows)
+    write_rows(out / "per_image.csv", rows, subgroups)
     save_json_atomic(out / "summary.json", json_safe(summary))
     plot_confusion(out / "confusion_matrix.png", summary)
     plot_dice_distribution(out / "dice_per_class.png", rows)
     written = ["per_image.csv", "summary.json", "confusion_matrix.png", "dice_per_class.png"]
+    if summary["figures"]["n_lesion"]:
+        plot_reliability(out / "reliability.png", summary)
+        written.append("reliability.png")
+    return written
+
+
+def write_gallery(cfg: dict, out: Path, rows: list[dict], data: LoadedSet, masks: dict) -> None:
+    gdir = Path(cfg["gallery_dir"]) if cfg["gallery_dir"] else default_gallery_dir(out)
+    if not is_git_ignored_location(gdir):
+        log.warning("%s: the gallery holds image pixels and this folder is tracked by git; do not commit "
+                    "pictures of BUSI images", gdir)
+    gdir.mkdir(parents=True, exist_ok=True)
+    if plot_gallery(gdir / "best_worst.png", rows, data, masks, cfg["gallery"]):
+        print(f"wrote {gdir / 'best_worst.png'} (holds image pixels; kept out of git)")
+
+
+def run_gather(cfg: dict) -> dict:
+    result = gather_folds(cfg["gather"])
+    print(format_gather(result))
+    if cfg["out_dir"]:
+        out = Path(cfg["out_dir"])
+        out.mkdir(parents=True, exist_ok=True)
+        save_json_atomic(out / "folds_summary.json", json_safe(result))
+        with open(out / "folds.csv", "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=["file", "fold", "n_images", *GATHER_KEYS])
+            w.writeheader()
+            w.writerows(json_safe(result["folds"]))
+        print(f"wrote {out}/folds_summary.json, folds.csv")
+    return result
+
+
+CONVENTIONS = {"a": "empty true mask: left out of the Dice/IoU mean, judged at image level (empty_masks)",
+               "b": "empty true mask: empty prediction scores 1, non-empty prediction scores 0"}
+
+
+def run(cfg: dict) -> dict:
+    from predict import load_predictor, pick_device
+    if cfg["gather"]:
+        return run_gather(cfg)
+    predictor, meta = load_predictor(cfg["checkpoint"], pick_device(cfg["device"]))
+    setting = post_processing(cfg, meta)
+    data, info = load_eval_set(cfg, meta)
+    if len(data) == 0:
+        raise DataError("no images to evaluate")
+    groups = subgroup_columns(cfg, meta, data.samples)
+    sweep = None
+    if cfg["tune_threshold"]:
+        sweep, setting = tune(cfg, predictor, data, info)
+    masks: dict | None = {} if cfg["gallery"] > 0 else None
+    rows, summary = evaluate_set(predictor, data, setting["threshold"], cfg["batch_size"], cfg["tta"], masks=masks,
+                                 min_area=setting["min_area"], normal_gate=setting["normal_gate"], subgroups=groups,
+                                 n_boot=cfg["bootstrap"])
+    if sweep is not None:
+        summary["threshold_sweep"] = sweep
+    summary.update(checkpoint=str(cfg["checkpoint"]), epoch=meta.get("epoch"), **setting, head=meta.get("head"),
+                   tta=cfg["tta"], **info, conventions=CONVENTIONS)
+    out = Path(cfg["out_dir"]) if cfg["out_dir"] else default_out_dir(cfg, info["split"])
+    written = write_outputs(out, rows, summary, groups)
     print(format_table(summary))
     print(f"wrote {out}: {', '.join(written)}")
-    if want_gallery:
-        gdir = Path(cfg["gallery_dir"]) if cfg["gallery_dir"] else default_gallery_dir(out)
-        if not is_git_ignored_location(gdir):
-            log.warning("%s: the gallery holds image pixels and this folder is tracked by git; do not commit "
-                        "pictures of BUSI images", gdir)
-        gdir.mkdir(parents=True, exist_ok=True)
-        if plot_gallery(gdir / "best_worst.png", rows, data, masks, cfg["gallery"]):
-            print(f"wrote {gdir / 'best_worst.png'} (holds image pixels; kept out of git)")
+    if masks is not None:
+        write_gallery(cfg, out, rows, data, masks)
     return summary
 
 

@@ -31,6 +31,7 @@ log = logging.getLogger("export_onnx")
 OPSET = 17
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
+HEAD_OUTPUT_NAME = "label_logits"  # second output of models with a classification head
 
 
 def file_sha256(path: str | Path) -> str:
@@ -58,6 +59,9 @@ def export_model(model: torch.nn.Module, out_path: str | Path, image_size: int, 
     model = _unwrap(model).float().eval().to("cpu", memory_format=torch.contiguous_format)
     out_path = Path(out_path)
     example = torch.zeros(2, in_channels, image_size, image_size)
+    with torch.no_grad():
+        has_head = isinstance(model(example[:1]), (tuple, list))
+    outputs = [OUTPUT_NAME, HEAD_OUTPUT_NAME] if has_head else [OUTPUT_NAME]
     with tempfile.TemporaryDirectory() as tmp:
         tmp_file = Path(tmp) / "model.onnx"
         with warnings.catch_warnings():
@@ -65,13 +69,13 @@ def export_model(model: torch.nn.Module, out_path: str | Path, image_size: int, 
             if dynamo:
                 batch = torch.export.Dim("batch", min=1, max=65536)
                 prog = torch.onnx.export(model, (example,), dynamo=True, opset_version=max(opset, 18),
-                                         input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                         input_names=[INPUT_NAME], output_names=outputs,
                                          dynamic_shapes=({0: batch},), verbose=False)
                 prog.save(str(tmp_file))
             else:
                 torch.onnx.export(model, (example,), str(tmp_file), dynamo=False, opset_version=opset,
-                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                  dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                                  input_names=[INPUT_NAME], output_names=outputs,
+                                  dynamic_axes={name: {0: "batch"} for name in [INPUT_NAME, *outputs]},
                                   do_constant_folding=True)
         proto = onnx.load(str(tmp_file))
     onnx.checker.check_model(proto)
@@ -146,24 +150,32 @@ def make_session(onnx_path: str | Path, threads: int = 0):
 
 
 def session_predictor(session, batch_size_default: int = 8):
-    """(uint8 images N x 1 x S x S as numpy or torch, batch_size, tta) -> torch float32 logits N x C x S x S,
-    with predict.predict_logits' semantics (dataset.normalize; tta averages with the mirrored image)."""
+    """(uint8 images N x 1 x S x S as numpy or torch, batch_size, tta) -> torch float32 logits N x C x S x S
+    (and, for a model with a classification head, its label logits N x K as a tuple), with
+    predict.predict_logits' semantics (dataset.normalize; tta averages with the mirrored image)."""
     from dataset import normalize
     in_name = session.get_inputs()[0].name
+    with_head = len(session.get_outputs()) > 1
 
-    def run(x: np.ndarray) -> np.ndarray:
-        return session.run(None, {in_name: np.ascontiguousarray(x)})[0]
+    def run(x: np.ndarray) -> list[np.ndarray]:
+        return session.run(None, {in_name: np.ascontiguousarray(x)})
 
-    def predictor(images, batch_size: int = batch_size_default, tta: bool = False) -> torch.Tensor:
+    def as_tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+    def predictor(images, batch_size: int = batch_size_default, tta: bool = False):
         images = torch.as_tensor(np.array(images) if isinstance(images, np.ndarray) else images)
-        out = []
+        segs, clss = [], []
         for i in range(0, images.shape[0], max(1, int(batch_size))):
             x = normalize(images[i:i + batch_size].float()).numpy()
             z = run(x)
             if tta:
-                z = (z + run(x[..., ::-1])[..., ::-1]) / 2
-            out.append(torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32)))
-        return torch.cat(out) if out else torch.zeros(0)
+                m = run(x[..., ::-1])
+                z = [(z[0] + m[0][..., ::-1]) / 2, *[(a + b) / 2 for a, b in zip(z[1:], m[1:])]]
+            segs.append(as_tensor(z[0]))
+            clss += [as_tensor(z[1])] if with_head else []
+        seg = torch.cat(segs) if segs else torch.zeros(0)
+        return (seg, torch.cat(clss)) if clss else seg
 
     return predictor
 
@@ -201,13 +213,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("wrote %s (%.1f MB)", out, out.stat().st_size / 2 ** 20)
     if args.check:
-        from predict import predict_logits
+        from predict import predict_logits, split_output
         model, meta = load_checkpoint(args.checkpoint, "cpu")
         s = int(meta["image_size"])
         images = torch.randint(0, 256, (3, int(meta["in_channels"]), s, s), dtype=torch.uint8,
                                generator=torch.Generator().manual_seed(0))
-        ref = torch.sigmoid(predict_logits(model, images, torch.device("cpu"), 2, False, False))
-        got = torch.sigmoid(session_predictor(make_session(out))(images, 2, False))
+        ref = torch.sigmoid(split_output(predict_logits(model, images, torch.device("cpu"), 2, False, False))[0])
+        got = torch.sigmoid(split_output(session_predictor(make_session(out))(images, 2, False))[0])
         diff = float((ref - got).abs().max())
         log.info("max |probability difference| ONNX Runtime vs PyTorch: %.2e (%s)", diff,
                  "ok" if diff <= 1e-4 else "TOO LARGE")

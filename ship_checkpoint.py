@@ -17,11 +17,17 @@ from pathlib import Path
 from model import load_checkpoint, save_checkpoint
 
 
-def ship(src: str, out: str, split: str, half: bool = True, threshold: float | None = None) -> dict:
-    """Write src as the shipped file out (fp16 unless half=False), its split copied to split; threshold, if
-    given (chosen on the validation split with evaluate.py --tune_threshold), replaces the stored one."""
+def ship(src: str, out: str, split: str, half: bool = True, threshold: float | None = None,
+         min_area: float | None = None, normal_gate: float | None = None) -> dict:
+    """Write src as the shipped file out (fp16 unless half=False), its split copied to split; threshold,
+    min_area and normal_gate, if given (chosen together on the validation split with evaluate.py
+    --tune_threshold), replace the stored ones."""
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must lie between 0 and 1, got {threshold}")
+    if min_area is not None and not min_area >= 0:
+        raise ValueError(f"min_area must be >= 0, got {min_area}")
+    if normal_gate is not None and not 0.0 < normal_gate <= 1.0:
+        raise ValueError(f"normal_gate must lie in (0, 1], got {normal_gate}")
     model, meta = load_checkpoint(src)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     if Path(meta["split_file"]).resolve() != Path(split).resolve():
@@ -29,6 +35,12 @@ def ship(src: str, out: str, split: str, half: bool = True, threshold: float | N
     meta = {**meta, "split_file": split, "shipped_from": str(src), "storage": "fp16" if half else "fp32"}
     if threshold is not None:
         meta["threshold"] = float(threshold)
+    if min_area is not None:
+        meta["min_area"] = float(min_area)
+    if normal_gate is not None:
+        if not meta.get("head"):
+            raise ValueError(f"{src}: normal_gate needs a model with a classification head")
+        meta["normal_gate"] = float(normal_gate)
     save_checkpoint(out, model, meta, half=half)
     return meta
 
@@ -41,6 +53,12 @@ if __name__ == "__main__":
     ap.add_argument("--fp32", action="store_true", help="keep fp32 weights")
     ap.add_argument("--threshold", type=float, default=None,
                     help="lesion threshold to store (chosen on the validation split: evaluate.py --tune_threshold)")
+    ap.add_argument("--min_area", type=float, default=None,
+                    help="smallest lesion component kept, pixels of the network input (evaluate.py --tune_threshold)")
+    ap.add_argument("--normal_gate", type=float, default=None,
+                    help="models with a head: clear the mask when P(normal) >= this (evaluate.py --tune_threshold)")
     a = ap.parse_args()
-    m = ship(a.src, a.out, a.split, half=not a.fp32, threshold=a.threshold)
-    print(json.dumps({k: m.get(k) for k in ("encoder", "image_size", "epoch", "split_file", "storage", "threshold")}))
+    m = ship(a.src, a.out, a.split, half=not a.fp32, threshold=a.threshold, min_area=a.min_area,
+             normal_gate=a.normal_gate)
+    print(json.dumps({k: m.get(k) for k in ("encoder", "image_size", "epoch", "split_file", "storage", "threshold",
+                                            "min_area", "normal_gate")}))

@@ -50,6 +50,9 @@ path_to_images = ""           # or: a folder of images (the original repo's layo
 path_to_masks = ""            # ... and a folder of masks matched to the images by file name
 manifest = ""                 # or: a CSV with columns image,mask,label (paths relative to the CSV)
 default_label = ""            # label for two-folder data whose file names hold no class name
+sources = ""                  # or several sources in one run: "busi=data/BUSI;uclm=data/BUS-UCLM/manifest.csv;mine=imgs,masks"
+balance_sources = False       # multi-source runs: draw every source equally often in an epoch
+group_near_duplicates = True  # a new split keeps near-duplicate scans (and a manifest's patients) on one side
 out_dir = "runs/resnet18"     # checkpoints, split, log of this run
 loss_graph_dir = "loss_graph" # the loss curve PNG of the run goes here
 split_file = ""               # split JSON; empty: out_dir/split.json (made once, then reused)
@@ -57,7 +60,7 @@ val_fraction = 0.2            # validation share per class (the original used 51
 folds = 0                     # K for K-fold cross-validation (0: one train/validation split)
 fold = 0                      # with folds: which fold is the validation set
 seed = 42                     # seeds the split, the weights, the augmentation
-encoder = "resnet18"          # resnet18, resnet34, resnet50, densenet121, efficientnet-lite0
+encoder = "resnet18"          # resnet18, resnet34, resnet50, densenet121, efficientnet-lite0/1/2, mobilenet_v2
 encoder_weights = ""          # '' (none), 'imagenet', or a file with an encoder state dict
 init_from = ""                # checkpoint whose weights start this run ("retrained from previous weights")
 image_size = 256              # network input size (the shipped recipe may train at 128 first)
@@ -70,6 +73,12 @@ lr_factor = 0.1               # ReduceLROnPlateau: multiply the lr by this ...
 lr_patience = 5               # ... after this many epochs without a lower validation loss
 expand = 7                    # training set expansion by augmentation (1: no augmentation)
 threshold = 0.5               # lesion probability threshold stored in the checkpoint
+min_area = 0.0                # smallest lesion component kept, in pixels of the network input (stored in the checkpoint)
+loss = "bce"                  # bce (the recipe's pixel-wise BCE), or bce+dice (adds soft Dice over the lesion channels)
+head = False                  # add a classification head for the image label (normal / benign / malignant)
+head_weight = 0.2             # weight of the head's cross-entropy in the loss
+augment = "recipe"            # augmentation ranges: recipe, or scanner (gain, contrast, speckle size, resolution, depth ramp)
+lr_schedule = "plateau"       # plateau (ReduceLROnPlateau on the validation loss, the recipe) or onecycle (warm-up, then cosine decay per step)
 device = "auto"               # auto (cuda, then mps, then cpu), cpu, cuda, mps
 amp = True                    # bf16 autocast on CUDA
 cpu_bf16 = False              # bf16 autocast on CPUs with AMX (about 2x faster on such CPUs; off: fp32 as the original)
@@ -139,15 +148,22 @@ def prepare_data(cfg: dict, out: Path, is_main: bool = True):
     if cfg["folds"] < 0 or cfg["folds"] == 1 or (cfg["folds"] and not 0 <= cfg["fold"] < cfg["folds"]):
         raise DataError(f"folds must be 0 (one train/validation split) or K >= 2 with 0 <= fold < K; got "
                         f"folds={cfg['folds']}, fold={cfg['fold']}")
-    samples = dataset.discover(cfg["data_dir"], cfg["path_to_images"], cfg["path_to_masks"], cfg["manifest"],
-                               cfg["default_label"])
+    samples = dataset.discover_all(cfg["sources"], data_dir=cfg["data_dir"], path_to_images=cfg["path_to_images"],
+                                   path_to_masks=cfg["path_to_masks"], manifest=cfg["manifest"],
+                                   default_label=cfg["default_label"])
     loaded = dataset.load_set(samples, cfg["image_size"], progress=cfg["progress"] and is_main)
     keep, report = dataset.resolve_duplicates(loaded.samples, loaded.hashes)
     loaded = loaded.subset(keep)
     split_path = Path(cfg["split_file"] or out / "split.json")
+    groups = None
+    if cfg["group_near_duplicates"] and _new_or_grouped_split(split_path):
+        keep, near = dataset.resolve_near_duplicates(loaded.samples, loaded.phashes)
+        loaded = loaded.subset(keep)
+        groups = dataset.split_groups(loaded.samples, near["groups"])
+        report = {**report, "near_duplicates_conflicting": near.pop("conflicting_labels"), "near_duplicates": near}
     # rank 0 reads (or makes and writes) the split file; under torchrun the other ranks receive its split
     split = _on_rank0(dataset.load_or_make_split, split_path, loaded.samples, cfg["val_fraction"], cfg["seed"],
-                      cfg["folds"], report)
+                      cfg["folds"], report, groups)
     if "folds" not in split and cfg["fold"] != 0:
         raise DataError(f"fold={cfg['fold']} was asked but {split_path} holds one train/validation split, not "
                         f"folds; pass --folds K (with a new split_file or out_dir)")
@@ -166,6 +182,15 @@ def prepare_data(cfg: dict, out: Path, is_main: bool = True):
     return train, val, split_path, split
 
 
+def _new_or_grouped_split(path: Path) -> bool:
+    """True unless path holds a split made without near-duplicate groups (old split files keep their images)."""
+    try:
+        import json
+        return not path.exists() or "grouped" in json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True  # load_or_make_split reports the unreadable file
+
+
 def make_model(cfg: dict):
     from model import build_model, load_checkpoint
     if cfg["init_from"]:
@@ -173,9 +198,57 @@ def make_model(cfg: dict):
         if meta["encoder"] != cfg["encoder"]:
             raise CheckpointError(f"{cfg['init_from']}: encoder {meta['encoder']} but this run asks for "
                                   f"{cfg['encoder']}; pass --encoder {meta['encoder']}")
+        if bool(meta.get("head")) != bool(cfg["head"]):
+            raise CheckpointError(f"{cfg['init_from']}: {'has' if meta.get('head') else 'has no'} classification "
+                                  f"head but this run asks for {'one' if cfg['head'] else 'none'}; pass "
+                                  f"--{'' if meta.get('head') else 'no-'}head")
         log.info("starting from the weights of %s", cfg["init_from"])
         return model.train()
-    return build_model(cfg["encoder"], cfg["encoder_weights"] or None, len(dataset.LESION_CLASSES), 1)
+    return build_model(cfg["encoder"], cfg["encoder_weights"] or None, len(dataset.LESION_CLASSES), 1,
+                       len(dataset.CLASS_NAMES) if cfg["head"] else 0)
+
+
+def make_loss(cfg: dict):
+    """The training loss of a network output against lesion targets y (N x C x S x S) and image labels (N):
+    pixel-wise BCE (the recipe), + soft Dice over the lesion channels (SMP's multilabel DiceLoss, which leaves
+    channels without lesion pixels in the batch out), + head_weight x cross-entropy of the classification head."""
+    from predict import split_output
+    if cfg["loss"] not in ("bce", "bce+dice"):
+        raise ValueError(f"loss must be bce or bce+dice, got {cfg['loss']!r}")
+    dice = None
+    if cfg["loss"] == "bce+dice":
+        from segmentation_models_pytorch.losses import DiceLoss
+        dice = DiceLoss("multilabel", from_logits=True)
+
+    def loss_fn(out, y: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        seg, cls = split_output(out)
+        loss = F.binary_cross_entropy_with_logits(seg.float(), y)
+        if dice is not None:
+            loss = loss + dice(seg.float(), y)
+        if cls is not None:
+            loss = loss + cfg["head_weight"] * F.cross_entropy(cls.float(), labels)
+        return loss
+    return loss_fn
+
+
+def make_scheduler(cfg: dict, opt, steps_per_epoch: int):
+    """ReduceLROnPlateau on the validation loss (the recipe; stepped once an epoch), or one-cycle: a warm-up
+    over the first 10% of all steps to lr, then cosine decay to lr/1e4 (stepped every step)."""
+    if cfg["lr_schedule"] == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg["lr_factor"],
+                                                          patience=cfg["lr_patience"])
+    if cfg["lr_schedule"] == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg["lr"], pct_start=0.1,
+                                                   total_steps=max(1, cfg["epochs"] * max(1, steps_per_epoch)))
+    raise ValueError(f"lr_schedule must be plateau or onecycle, got {cfg['lr_schedule']!r}")
+
+
+def balanced_order(train, idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """The epoch's draws re-drawn so that every source is drawn equally often (uniform within a source)."""
+    names = [s.source for s in train.samples]
+    sizes = {n: names.count(n) for n in set(names)}
+    weights = torch.tensor([1.0 / sizes[n] for n in names], dtype=torch.float64)
+    return torch.multinomial(weights, len(idx), replacement=True, generator=g)
 
 
 def make_optimizer(cfg: dict, params):
@@ -190,11 +263,14 @@ def make_optimizer(cfg: dict, params):
 
 
 def checkpoint_meta(cfg: dict, split_path: Path, epoch: int, metrics: dict) -> dict:
-    return {**dataset.preprocessing_meta(cfg["image_size"]), "encoder": cfg["encoder"],
-            "classes": len(dataset.LESION_CLASSES), "threshold": cfg["threshold"], "epoch": epoch,
-            "split_file": str(split_path), "fold": cfg["fold"], "metrics": metrics,
-            "train_config": {k: v for k, v in cfg.items()}, "augment": AugmentConfig().to_dict(),
+    meta = {**dataset.preprocessing_meta(cfg["image_size"]), "encoder": cfg["encoder"],
+            "classes": len(dataset.LESION_CLASSES), "threshold": cfg["threshold"], "min_area": cfg["min_area"],
+            "epoch": epoch, "split_file": str(split_path), "fold": cfg["fold"], "metrics": metrics,
+            "train_config": {k: v for k, v in cfg.items()}, "augment": AugmentConfig.preset(cfg["augment"]).to_dict(),
             "torch": torch.__version__}
+    if cfg["head"]:
+        meta.update(head=list(dataset.CLASS_NAMES), normal_gate=1.0)
+    return meta
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -210,7 +286,8 @@ def read_log(path: Path) -> list[dict]:
 
 def write_log(path: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=LOG_FIELDS, extrasaction="ignore", lineterminator="\n")
+    extra = sorted({k for r in rows for k in r} - set(LOG_FIELDS))  # per-source figures of multi-source runs
+    w = csv.DictWriter(buf, fieldnames=LOG_FIELDS + extra, extrasaction="ignore", lineterminator="\n")
     w.writeheader()
     w.writerows(rows)
     atomic_write_bytes(path, buf.getvalue().encode())
@@ -256,14 +333,15 @@ def epoch_generator(seed_: int, epoch: int, batch: int = -1) -> torch.Generator:
 
 
 def make_batch(idx: torch.Tensor, variant: torch.Tensor, g: torch.Generator, images_dev: torch.Tensor,
-               targets_dev: torch.Tensor, channels_last_: bool) -> tuple[torch.Tensor, torch.Tensor]:
+               targets_dev: torch.Tensor, channels_last_: bool,
+               aug_cfg: AugmentConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gather a batch from the in-memory set and augment the variants > 0, on the training device."""
     idx = idx.to(images_dev.device)
     x = images_dev[idx].float() / 255.0
     y = targets_dev[idx].float()
     aug = (variant > 0).to(images_dev.device)
     if bool(aug.any()):
-        xa, ya = augment_batch(x[aug], y[aug], g)
+        xa, ya = augment_batch(x[aug], y[aug], g, aug_cfg)
         x[aug], y[aug] = xa, ya
     x = dataset.normalize(x * 255.0)
     if channels_last_:
@@ -280,7 +358,7 @@ def validate(model, val, device, cfg, rank: int = 0, world: int = 1) -> tuple[fl
     predictor = lambda imgs, bs, tta_: predict_logits(model, imgs, device, bs, tta_, cfg["channels_last"])
     part = val if world == 1 else val.subset(list(range(len(val) * rank // world, len(val) * (rank + 1) // world)))
     rows, summary = evaluate_set(predictor, part, cfg["threshold"], batch_size=max(8, cfg["batch_size"]),
-                                 with_hd95=False)
+                                 with_hd95=False, min_area=cfg["min_area"])
     model.train()
     if world > 1:
         # evaluate_set gives the BCE sum divided by the pixel count (or by 1 for an empty share)
@@ -290,7 +368,12 @@ def validate(model, val, device, cfg, rank: int = 0, world: int = 1) -> tuple[fl
         rows = [r for share in shares for r in share[0]]  # rank order = the validation set's order
         summary = summarize(rows)
         summary["val_loss"] = math.fsum(share[1] for share in shares) / max(1, sum(share[2] for share in shares))
-    return summary["val_loss"], headline(summary), summary
+    metrics = headline(summary)
+    for name in sorted({s.source for s in val.samples if s.source}):  # multi-source runs: figures per source
+        part_rows = [r for r in rows if r["file"].startswith(name + "/")]
+        if part_rows:
+            metrics.update({f"{k}_{name}": v for k, v in headline(summarize(part_rows)).items()})
+    return summary["val_loss"], metrics, summary
 
 
 def train_model(cfg: dict) -> dict:
@@ -346,9 +429,10 @@ def _train(cfg: dict, dev: torch.device, rank: int, world: int) -> dict:
     if distributed and cfg["sync_bn"]:
         model = convert_sync_bn(model, dev)
     opt = make_optimizer(cfg, model.parameters())
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg["lr_factor"],
-                                                       patience=cfg["lr_patience"])
     global_batch = cfg["batch_size"] * world  # images per optimizer step, over all ranks
+    sched = make_scheduler(cfg, opt, len(train) * cfg["expand"] // global_batch)
+    loss_fn = make_loss(cfg)
+    aug_cfg = AugmentConfig.preset(cfg["augment"])
     start_epoch, start_sample, best_loss, step = 1, 0, math.inf, 0
     running = [0.0, 0]  # this rank's sum of per-step losses and their count, in this epoch and this session
     carried = [0.0, 0]  # the same of the epoch's steps before a resume (global steps: identical on all ranks)
@@ -387,6 +471,8 @@ def _train(cfg: dict, dev: torch.device, rank: int, world: int) -> dict:
     if cfg["compile"]:
         train_model_ = torch.compile(train_model_)
     images_dev = torch.as_tensor(train.images).to(dev)
+    source_names = {s.source for s in val.samples if s.source}
+    labels_dev = torch.tensor([dataset.CLASS_NAMES.index(s.label) for s in train.samples], device=dev)
     targets_dev = torch.as_tensor(train.targets).to(dev)
     use_amp = (cfg["amp"] and dev.type == "cuda") or (cfg["cpu_bf16"] and dev.type == "cpu" and _cpu_has_amx())
     log_path = out / "log.csv"
@@ -421,6 +507,8 @@ def _train(cfg: dict, dev: torch.device, rank: int, world: int) -> dict:
         for epoch in range(start_epoch, cfg["epochs"] + 1):
             t0 = time.time()
             idx_all, var_all = expanded_order(len(train), cfg["expand"], epoch_generator(cfg["seed"], epoch))
+            if cfg["balance_sources"]:
+                idx_all = balanced_order(train, idx_all, epoch_generator(cfg["seed"], epoch, -2))
             # the epoch's order is the same for any number of processes; a global batch is global_batch
             # consecutive draws of it, and rank r takes the r-th slice of batch_size of each
             offset = start_sample if epoch == start_epoch else 0  # draws already trained on (resume)
@@ -435,10 +523,10 @@ def _train(cfg: dict, dev: torch.device, rank: int, world: int) -> dict:
                 lo = offset + b * global_batch + rank * cfg["batch_size"]
                 sel = slice(lo, lo + cfg["batch_size"])
                 x, y = make_batch(idx_all[sel], var_all[sel], epoch_generator(cfg["seed"], epoch, lo // cfg["batch_size"]),
-                                  images_dev, targets_dev, cfg["channels_last"])
+                                  images_dev, targets_dev, cfg["channels_last"], aug_cfg)
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                    logits = train_model_(x)
-                loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+                    out_ = train_model_(x)
+                loss = loss_fn(out_, y, labels_dev[idx_all[sel].to(dev)])
                 if distributed:  # one small all-reduce per step: every rank stops at the same step
                     bad, stop_signal = (v > 0 for v in _sum_over_ranks(
                         [float(not torch.isfinite(loss)), float(interrupted["flag"])], dev))
@@ -451,6 +539,8 @@ def _train(cfg: dict, dev: torch.device, rank: int, world: int) -> dict:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                if cfg["lr_schedule"] == "onecycle":
+                    sched.step()
                 step += 1
                 running[0] += float(loss.detach())
                 running[1] += 1
@@ -475,12 +565,14 @@ def _train(cfg: dict, dev: torch.device, rank: int, world: int) -> dict:
                                     f"{val_loss}); training stopped. The last good checkpoint in {out} is kept. "
                                     f"Try a lower --lr")
             _check_finite(model, out, f"the end of epoch {epoch}")
-            sched.step(val_loss)
+            if cfg["lr_schedule"] == "plateau":
+                sched.step(val_loss)
             row = {"epoch": epoch, "train_loss": f"{train_loss:.6f}", "val_loss": f"{val_loss:.6f}",
                    "val_dice": f"{metrics['dice']:.4f}", "val_iou": f"{metrics['iou']:.4f}",
                    "val_dice_all_b": f"{metrics['dice_all_b']:.4f}", "val_accuracy": f"{metrics['accuracy']:.4f}",
                    "lr": f"{opt.param_groups[0]['lr']:.3g}", "seconds": f"{time.time() - t0:.1f}",
                    "image_size": cfg["image_size"]}
+            row.update({f"val_{k}": f"{v:.4f}" for k, v in metrics.items() if k.rsplit("_", 1)[-1] in source_names})
             metrics = {**metrics, "val_loss": val_loss, "train_loss": train_loss}
             log.info("epoch %d: train loss %.4f, val loss %.4f, val lesion Dice %.4f IoU %.4f, accuracy %.3f, lr %s, %.0fs",
                      epoch, train_loss, val_loss, metrics["dice"], metrics["iou"], metrics["accuracy"], row["lr"],

@@ -59,3 +59,43 @@ def test_expansion_shows_each_image_once_as_is_and_expand_minus_one_times_augmen
     for i in range(10):
         assert sorted(variant[idx == i].tolist()) == list(range(7))
     assert (variant == 0).sum() == 10
+
+
+def test_scanner_options_off_draw_no_random_numbers_so_the_recipe_is_unchanged():
+    from augment import scanner_shift
+    x = torch.rand(3, 1, 32, 32)
+    g = torch.Generator().manual_seed(4)
+    before = g.get_state().clone()
+    assert torch.equal(scanner_shift(x, AugmentConfig(), g), x)
+    assert torch.equal(g.get_state(), before)
+    assert AugmentConfig.preset("recipe") == AugmentConfig()
+
+
+def test_scanner_preset_changes_images_not_masks_and_stays_in_range():
+    from augment import scanner_shift
+    img, mask = _square_batch(6)
+    cfg = AugmentConfig.preset("scanner")
+    out = scanner_shift(img.clone(), AugmentConfig(speckle=0.3, speckle_scales=(4,), downup_p=1.0, depth_ramp=0.5),
+                        torch.Generator().manual_seed(1))
+    assert out.shape == img.shape and not torch.allclose(out, img)
+    xa, ya = augment_batch(img, mask, torch.Generator().manual_seed(2), cfg)
+    assert float(xa.min()) >= 0 and float(xa.max()) <= 1
+    assert set(ya.unique().tolist()) <= {0.0, 1.0}
+    # the intensity part never moves the mask: geometry off -> masks identical
+    still = AugmentConfig(**{**cfg.to_dict(), "hflip": 0, "rotate_deg": 0, "scale": (1, 1), "shift": 0})
+    _, ym = augment_batch(img, mask, torch.Generator().manual_seed(3), still)
+    assert torch.equal(ym, mask)
+
+
+def test_depth_ramp_brightens_one_end_and_darkens_the_other():
+    from augment import scanner_shift
+    flat = torch.full((4, 1, 40, 20), 0.5)
+    out = scanner_shift(flat, AugmentConfig(depth_ramp=0.5), torch.Generator().manual_seed(0))
+    top, bottom = out[:, 0, 0].mean(1), out[:, 0, -1].mean(1)
+    assert torch.all((top - 0.5) * (bottom - 0.5) <= 0)  # opposite sides of the original grey
+
+
+def test_example_sheet_is_drawn():
+    from augment import example_sheet
+    sheet = example_sheet("scanner", n_images=1, variants=2)
+    assert sheet.size[0] > 3 * 240 and sheet.mode == "RGB"

@@ -1,7 +1,9 @@
-"""evaluate.py: metric functions on hand-computed cases and against independent implementations (scikit-learn,
-SMP, a brute-force HD95), the empty-mask conventions, evaluate.py end to end on phantoms, its agreement with
+"""evaluate.py: the per-image rows and the empty-mask conventions, the off-domain figures (miss rate, normal
+false positives, AUC, calibration, bootstrap intervals by patient, subgroups) from hand-made rows, fake
+predictors with and without a classification head, the joint threshold x min_area (x gate) sweep, evaluate.py
+end to end on phantoms (also through a manifest with patient and subgroup columns), its agreement with
 train.py's validation log, K-fold splits through train.py and the gathering of per-fold results, and a run on a
-few real BUSI images (skipped when the data is absent)."""
+few real BUSI images (skipped when the data is absent). The metric functions themselves: test_metrics.py."""
 from __future__ import annotations
 
 import csv
@@ -18,19 +20,9 @@ from PIL import Image
 import evaluate as ev
 from conftest import BUSI, ROOT, needs_busi
 from dataset import CLASS_NAMES, LESION_CLASSES
+from metrics import expected_calibration_error
 from predict import Decision
-
-nan = float("nan")
-
-
-def isnan(v) -> bool:
-    return isinstance(v, float) and math.isnan(v)
-
-
-def square(shape=(64, 64), top=10, left=10, side=20) -> np.ndarray:
-    m = np.zeros(shape, bool)
-    m[top:top + side, left:left + side] = True
-    return m
+from test_metrics import isnan, nan, square
 
 
 def decision(lesion: np.ndarray, label: str | None = None, channel: np.ndarray | None = None) -> Decision:
@@ -48,33 +40,6 @@ def decision(lesion: np.ndarray, label: str | None = None, channel: np.ndarray |
 # ---------------------------------------------------------------------------------------------------------
 # Metric functions
 # ---------------------------------------------------------------------------------------------------------
-
-def test_dice_iou_hand_computed():
-    pred = np.zeros((4, 4), bool)
-    true = np.zeros((4, 4), bool)
-    pred[0, 0:4] = True            # 4 pixels
-    true[0, 1:4] = True            # 6 pixels, 3 of them shared with pred
-    true[1, 1:4] = True
-    d, j = ev.dice_iou(pred, true)
-    assert d == pytest.approx(2 * 3 / (4 + 6))
-    assert j == pytest.approx(3 / 7)
-    p, r = ev.precision_recall(pred, true)
-    assert p == pytest.approx(3 / 4) and r == pytest.approx(3 / 6)
-    assert ev.dice_iou(true, true) == (1.0, 1.0)
-    assert ev.dice_iou(pred, ~pred) == (0.0, 0.0)
-
-
-def test_dice_iou_empty_cases():
-    e, full = np.zeros((5, 5), bool), square((5, 5), 1, 1, 2)
-    assert ev.dice_iou(e, e) == (1.0, 1.0)                    # convention b: empty/empty scores 1
-    assert all(isnan(v) for v in ev.dice_iou(e, e, empty_score=nan))
-    assert ev.dice_iou(e, full) == (0.0, 0.0)                 # nothing predicted on a lesion
-    assert ev.dice_iou(full, e) == (0.0, 0.0)                 # something predicted on an empty mask
-    p, r = ev.precision_recall(e, full)
-    assert isnan(p) and r == 0.0
-    p, r = ev.precision_recall(full, e)
-    assert p == 0.0 and isnan(r)
-
 
 def test_image_metrics_empty_mask_conventions():
     e, les = np.zeros((32, 32), bool), square((32, 32), 4, 4, 10)
@@ -126,133 +91,267 @@ def test_per_class_dice_is_per_channel():
     assert all(r[f"dice_{c}_b"] == 1.0 and isnan(r[f"dice_{c}_a"]) for c in LESION_CLASSES)
 
 
-def random_masks(rng, n=40, shape=(24, 30)):
-    """Blobs of many sizes, some masks empty, some full."""
-    out = []
-    for i in range(n):
-        if i % 10 == 0:
-            out.append(np.zeros(shape, bool))
-        elif i % 10 == 1:
-            out.append(np.ones(shape, bool))
-        else:
-            out.append(rng.random(shape) < rng.uniform(0.02, 0.6))
-    return out
+def test_image_metrics_miss_and_false_positive_columns():
+    e, les = np.zeros((32, 32), bool), square((32, 32), 4, 4, 10)
+    elsewhere = square((32, 32), 20, 20, 5)
+    assert ev.image_metrics(decision(e), les, "benign")["complete_miss"] == 1
+    assert ev.image_metrics(decision(elsewhere), les, "malignant")["complete_miss"] == 1  # no overlap
+    hit = ev.image_metrics(decision(les | elsewhere), les, "benign")
+    assert hit["complete_miss"] == 0 and isnan(hit["false_positive"])
+    fp = ev.image_metrics(decision(elsewhere, "benign"), e, "normal")
+    assert fp["false_positive"] == 1 and isnan(fp["complete_miss"])
+    assert ev.image_metrics(decision(e), e, "normal")["false_positive"] == 0
+    assert isnan(hit["malignancy"]) and isnan(hit["p_normal"])  # decision() makes one without either
 
 
-def test_dice_iou_agree_with_sklearn():
-    from sklearn.metrics import f1_score, jaccard_score, precision_score, recall_score
-    rng = np.random.default_rng(0)
-    preds, trues = random_masks(rng), random_masks(rng)[::-1]
-    for pred, true in zip(preds, trues):
-        d, j = ev.dice_iou(pred, true)
-        t, p = true.ravel(), pred.ravel()
-        assert d == pytest.approx(f1_score(t, p, zero_division=1.0), abs=1e-12)
-        assert j == pytest.approx(jaccard_score(t, p, zero_division=1.0), abs=1e-12)
-        prec, rec = ev.precision_recall(pred, true)
-        if pred.any():
-            assert prec == pytest.approx(precision_score(t, p, zero_division=0), abs=1e-12)
-        if true.any():
-            assert rec == pytest.approx(recall_score(t, p, zero_division=0), abs=1e-12)
+def hand_row(label: str, dice: float, miss=nan, fp=nan, malignancy=nan, patient: str = "", **extra) -> dict:
+    """A per-image row with just what the figures read (and what summarize needs besides)."""
+    return {"file": f"{label}{dice}{malignancy}", "true_label": label, "pred_label": label, "dice_a": dice,
+            "iou_a": dice / 2 if dice == dice else nan, "complete_miss": miss, "false_positive": fp,
+            "malignancy": malignancy, "true_area": 0 if label == "normal" else 10, "pred_area": 1, "patient": patient,
+            **{k: nan for k in ev.METRIC_KEYS if k not in ("dice_a", "iou_a")}, **extra}
 
 
-def test_dice_iou_agree_with_smp():
+def hand_rows() -> list[dict]:
+    """5 lesion images (two missed, one of them without a malignancy) and 4 normal images (one given a lesion)
+    of 4 patients; a doppler column."""
+    return [hand_row("benign", 0.8, 0, malignancy=0.2, patient="p1", doppler="no"),
+            hand_row("benign", 0.0, 1, malignancy=0.6, patient="p1", doppler="yes"),
+            hand_row("malignant", 0.9, 0, malignancy=0.9, patient="p2", doppler="no"),
+            hand_row("malignant", 0.0, 1, malignancy=nan, patient="p2", doppler="no"),
+            hand_row("malignant", 0.7, 0, malignancy=0.4, patient="p3", doppler="yes"),
+            hand_row("normal", nan, fp=1, malignancy=0.7, patient="p3", doppler="yes"),
+            hand_row("normal", nan, fp=0, patient="p4", doppler="no"),
+            hand_row("normal", nan, fp=0, patient="p4", doppler="no"),
+            hand_row("normal", nan, fp=0, patient="p4", doppler="yes")]
+
+
+def test_figures_hand_computed():
+    f, table = ev.figures(hand_rows())
+    assert f["n_lesion"] == 5 and f["n_normal"] == 4
+    assert f["lesion_dice"] == pytest.approx((0.8 + 0.9 + 0.7) / 5) and f["lesion_iou"] == pytest.approx(2.4 / 10)
+    assert f["miss_rate"] == pytest.approx(2 / 5) and f["normal_fp_share"] == pytest.approx(1 / 4)
+    # malignancy: benign 0.2, 0.6; malignant 0.9, none (-> 0.5), 0.4. Pairs (m, b): 0.9 beats both, 0.5 beats
+    # 0.2, 0.4 beats 0.2: 4 of 6
+    assert f["auc"] == pytest.approx(4 / 6)
+    # called malignant at >= 0.5: 0.9 (malignant), 0.6 (benign); the image without a malignancy is not called
+    assert f["sensitivity_malignant"] == pytest.approx(1 / 3) and f["specificity_malignant"] == pytest.approx(1 / 2)
+    assert f["n_lesion_without_malignancy"] == 1 and f["malignancy_cutoff"] == 0.5
+    ece, expected_table = expected_calibration_error([0, 0, 1, 1, 1], [0.2, 0.6, 0.9, 0.5, 0.4])
+    assert f["ece"] == pytest.approx(ece) and table == expected_table
+
+
+def test_intervals_resample_patients_and_subgroups():
+    rows = hand_rows()
+    s = ev.summarize(rows, subgroups=("doppler",), n_boot=200)
+    ci = s["intervals"]
+    assert ci["resampled_by"] == "patient" and ci["n_units"] == 4 and ci["n_boot"] == 200
+    for k in ev.FIGURE_KEYS:
+        lo, hi = ci[k]
+        assert lo <= s["figures"][k] <= hi, k
+    assert ci == ev.summarize(rows, n_boot=200)["intervals"]  # deterministic (seed 0)
+    by_image = ev.intervals([{**r, "patient": ""} for r in rows], n_boot=200)
+    assert by_image["resampled_by"] == "image" and by_image["n_units"] == 9
+    groups = {r["value"]: r for r in s["subgroups"]}
+    assert set(groups) == {"no", "yes"} and all(r["column"] == "doppler" for r in s["subgroups"])
+    no, yes = groups["no"], groups["yes"]
+    assert (no["n"], no["n_lesion"], no["n_normal"]) == (5, 3, 2)
+    assert no["lesion_dice"] == pytest.approx((0.8 + 0.9) / 3) and no["miss_rate"] == pytest.approx(1 / 3)
+    assert no["normal_fp_share"] == 0.0 and no["auc"] == pytest.approx(1.0)  # benign 0.2 against 0.9 and 0.5
+    assert (yes["n"], yes["n_lesion"], yes["n_normal"]) == (4, 2, 2) and yes["normal_fp_share"] == 0.5
+    assert yes["auc"] == 0.0                                   # benign 0.6 above malignant 0.4
+    table = ev.format_table(s)
+    assert "complete misses" in table and "ROC-AUC" in table and "doppler=yes" in table
+    assert "resamples of 4 patients" in table
+    assert "intervals" not in ev.summarize(rows) and "subgroups" not in ev.summarize(rows)
+
+
+def test_headline_keeps_the_logged_keys():
+    h = ev.headline(ev.summarize(hand_rows()))
+    assert {"dice", "iou", "dice_all_b", "accuracy"} <= set(h)
+    assert h["miss_rate"] == pytest.approx(0.4) and h["normal_fp_share"] == pytest.approx(0.25)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fake predictors on a synthetic set: without and with a classification head
+# ---------------------------------------------------------------------------------------------------------
+
+NET, H, W = 32, 60, 72  # network input size and original image size (min_area scales by H * W / NET**2)
+
+
+def block(top: int, left: int, side: int) -> tuple[slice, slice]:
+    return slice(top, top + side), slice(left, left + side)
+
+
+# (label, patient, doppler, predicted lesion block or None, its channel, single false pixel or None,
+#  true lesion block (default: the predicted one), head probabilities over normal/benign/malignant)
+SPECS = [("benign", "p1", "no", (8, 8, 8), 0, None, None, (0.05, 0.85, 0.10)),
+         ("malignant", "p1", "yes", (10, 12, 10), 1, None, None, (0.05, 0.25, 0.70)),
+         ("malignant", "p2", "no", None, 1, None, (6, 6, 8), (0.20, 0.30, 0.50)),        # nothing predicted
+         ("benign", "p2", "yes", (2, 2, 6), 0, None, (20, 20, 8), (0.10, 0.60, 0.30)),   # predicted elsewhere
+         ("normal", "p3", "no", None, 0, (5, 5), None, (0.85, 0.05, 0.10)),              # a small false blob
+         ("normal", "p3", "no", None, 0, None, None, (0.95, 0.03, 0.02)),
+         ("normal", "p4", "yes", None, 0, (25, 25), None, (0.55, 0.20, 0.25)),           # a small false blob
+         ("benign", "p4", "no", (4, 16, 8), 0, None, None, (0.20, 0.30, 0.50))]
+
+
+def synthetic_set():
+    """(LoadedSet of SPECS at NET x NET with original masks H x W, lesion logits, head logits). Each image's
+    first pixel holds its index, so that a fake predictor can look its logits up."""
     import torch
-    import segmentation_models_pytorch as smp
-    rng = np.random.default_rng(1)
-    preds, trues = random_masks(rng, 20), random_masks(rng, 20)
-    p = torch.as_tensor(np.stack(preds)[:, None].astype(np.int64))
-    t = torch.as_tensor(np.stack(trues)[:, None].astype(np.int64))
-    tp, fp, fn, tn = smp.metrics.get_stats(p, t, mode="binary")
-    f1 = smp.metrics.f1_score(tp, fp, fn, tn, reduction="none", zero_division=1.0)[:, 0]
-    iou = smp.metrics.iou_score(tp, fp, fn, tn, reduction="none", zero_division=1.0)[:, 0]
-    for i in range(len(preds)):
-        d, j = ev.dice_iou(preds[i], trues[i])
-        assert d == pytest.approx(float(f1[i]), abs=1e-6) and j == pytest.approx(float(iou[i]), abs=1e-6)
+    from dataset import LoadedSet, Sample
+    from predict import decide, to_original
+    n = len(SPECS)
+    logits = torch.full((n, len(LESION_CLASSES), NET, NET), -8.0)
+    images = np.zeros((n, 1, NET, NET), np.uint8)
+    targets = np.zeros((n, len(LESION_CLASSES), NET, NET), np.uint8)
+    samples, masks = [], []
+    for k, (label, patient, doppler, pred, channel, blob, true, _) in enumerate(SPECS):
+        images[k, 0, 0, 0] = k
+        if pred:
+            logits[k][(channel, *block(*pred))] = 8.0
+        if blob:
+            logits[k, 0, blob[0], blob[1]] = 8.0
+        true = true or pred
+        ideal = torch.full((len(LESION_CLASSES), NET, NET), -8.0)
+        if true:
+            ideal[(0, *block(*true))] = 8.0
+            targets[k][(LESION_CLASSES.index(label), *block(*true))] = 1
+        masks.append(decide(to_original(torch.sigmoid(ideal), (H, W)), 0.5).lesion)
+        samples.append(Sample(Path(f"img{k}.png"), (), label, f"img{k}.png", patient, (("doppler", doppler),)))
+    head = torch.log(torch.tensor([s[-1] for s in SPECS]))
+    return LoadedSet(samples, images, targets, masks, [str(k) for k in range(n)]), logits, head
 
 
-def test_classification_summary_agrees_with_sklearn():
-    from sklearn.metrics import accuracy_score, confusion_matrix, recall_score
-    rng = np.random.default_rng(2)
-    true = [CLASS_NAMES[i] for i in rng.integers(0, 3, 60)]
-    pred = [CLASS_NAMES[i] for i in rng.integers(0, 3, 60)]
-    cm = ev.confusion(true, pred)
-    assert cm.tolist() == confusion_matrix(true, pred, labels=list(CLASS_NAMES)).tolist()
-    s = ev.classification_summary(cm)
-    assert s["accuracy"] == pytest.approx(accuracy_score(true, pred))
-    sens = recall_score(true, pred, labels=list(CLASS_NAMES), average=None)
-    for c, v in zip(CLASS_NAMES, sens):
-        assert s[f"sensitivity_{c}"] == pytest.approx(v)
-        # specificity of c: the recall of "not c" when c is the positive class
-        tt, pp = [x != c for x in true], [x != c for x in pred]
-        assert s[f"specificity_{c}"] == pytest.approx(recall_score(tt, pp))
+def fake_predictor(logits, head=None, as_tuple: bool = False):
+    """A predictor as predict.load_predictor makes one: lesion logits, or (lesion, label) logits."""
+    import torch
+
+    def predict(images, batch_size, tta):
+        index = torch.as_tensor(np.asarray(images)[:, 0, 0, 0].astype(np.int64))
+        if head is not None:
+            return logits[index], head[index]
+        return (logits[index],) if as_tuple else logits[index]
+    return predict
 
 
-def test_classification_hand_computed():
-    # true normal x2 (one called benign), benign x2 (correct), malignant x1 (called benign)
-    s = ev.classification_summary(ev.confusion(["normal", "normal", "benign", "benign", "malignant"],
-                                               ["normal", "benign", "benign", "benign", "benign"]))
-    assert s["accuracy"] == pytest.approx(3 / 5)
-    assert s["sensitivity_normal"] == pytest.approx(1 / 2) and s["specificity_normal"] == 1.0
-    assert s["sensitivity_benign"] == 1.0 and s["specificity_benign"] == pytest.approx(1 / 3)
-    assert s["sensitivity_malignant"] == 0.0 and s["specificity_malignant"] == 1.0
+@pytest.fixture(scope="module")
+def synthetic():
+    return synthetic_set()
 
 
-# ---------------------------------------------------------------------------------------------------------
-# HD95
-# ---------------------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("d", [0, 1, 3, 7, 15])
-@pytest.mark.parametrize("axis", [0, 1])
-def test_hd95_squares_offset_by_d(d, axis):
-    """Two 20x20 squares offset by d pixels along one axis: every boundary pixel lies at most d from the other
-    boundary and the two leading edges (a quarter of all boundary pixels) exactly d, so HD95 = d."""
-    a = square((80, 80), 20, 20, 20)
-    b = np.roll(a, d, axis=axis)
-    assert ev.hd95(a, b) == pytest.approx(d)
-    assert ev.hd95(b, a) == pytest.approx(d)
-
-
-def test_hd95_hand_computed_and_empty():
-    a, b = np.zeros((30, 30), bool), np.zeros((30, 30), bool)
-    a[10, 10] = True
-    b[13, 14] = True                                           # a 3-4-5 triangle
-    assert ev.hd95(a, b) == pytest.approx(5.0)
-    assert isnan(ev.hd95(a, np.zeros_like(a))) and isnan(ev.hd95(np.zeros_like(a), a))
-    # a 9x9 square against its centre pixel: boundary pixels lie 4 (edge middles) to 4*sqrt(2) (corners) away;
-    # pooled with the centre's distance 4 to the nearest boundary pixel
-    sq, c = square((30, 30), 5, 5, 9), np.zeros((30, 30), bool)
-    c[9, 9] = True
-    border = np.array([[y, x] for y in range(5, 14) for x in range(5, 14) if y in (5, 13) or x in (5, 13)])
-    dist = np.hypot(*(border - [9, 9]).T)
-    assert ev.hd95(sq, c) == pytest.approx(np.percentile(np.hstack([dist, [4.0]]), 95))
+def test_without_a_head_the_numbers_are_as_before(synthetic):
+    """A checkpoint without a head: the rows are those of the old code path (predict.decide at the threshold
+    alone), whether the predictor returns a tensor or a 1-tuple, and the defaults apply no post-processing."""
+    import torch
+    from predict import decide, to_original
+    data, logits, _ = synthetic
+    rows, s = ev.evaluate_set(fake_predictor(logits), data, 0.5, batch_size=3)
+    for k, r in enumerate(rows):
+        d = decide(to_original(torch.sigmoid(logits[k]), (H, W)), 0.5)
+        old = ev.image_metrics(d, data.full_masks[k], data.samples[k].label)
+        np.testing.assert_equal({key: r[key] for key in old}, old)  # NaN equals NaN here
+        assert isnan(r["p_normal"]) and r["patient"] == SPECS[k][1]
+    again, s2 = ev.evaluate_set(fake_predictor(logits, as_tuple=True), data, 0.5, batch_size=5, min_area=0.0,
+                                normal_gate=1.0)
+    np.testing.assert_equal(again, rows)
+    assert s2["val_loss"] == s["val_loss"]
+    f = s["figures"]
+    assert [r["complete_miss"] for r in rows if r["true_label"] != "normal"] == [0, 0, 1, 1, 0]
+    assert f["miss_rate"] == pytest.approx(2 / 5) and f["normal_fp_share"] == pytest.approx(2 / 3)
+    assert f["lesion_dice"] == pytest.approx(3 / 5)             # three perfect, two missed
+    # malignancy from the channels: ~0 for the benign-channel lesions, ~1 for the malignant one, none when
+    # nothing is predicted (counted 0.5): every malignant image above every benign one
+    assert isnan(rows[2]["malignancy"]) and rows[1]["malignancy"] > 0.99 and rows[0]["malignancy"] < 0.01
+    assert f["auc"] == 1.0 and f["sensitivity_malignant"] == 0.5 and f["specificity_malignant"] == 1.0
 
 
-def test_hd95_matches_brute_force():
-    """Against an independent implementation: boundaries from scikit-image, all pairwise distances."""
-    from scipy.spatial.distance import cdist
-    from skimage.segmentation import find_boundaries
-    from scipy import ndimage
-    rng = np.random.default_rng(3)
-    for _ in range(12):
-        a = ndimage.binary_opening(rng.random((60, 70)) < 0.5, iterations=2)
-        b = ndimage.binary_opening(rng.random((60, 70)) < 0.5, iterations=2)
-        a[:3], a[-3:], a[:, :3], a[:, -3:] = False, False, False, False  # away from the image edge
-        b[:3], b[-3:], b[:, :3], b[:, -3:] = False, False, False, False
-        if not a.any() or not b.any():
-            continue
-        pa = np.argwhere(find_boundaries(a, connectivity=1, mode="inner"))
-        pb = np.argwhere(find_boundaries(b, connectivity=1, mode="inner"))
-        dd = cdist(pa, pb)
-        expected = np.percentile(np.hstack([dd.min(1), dd.min(0)]), 95)
-        assert ev.hd95(a, b) == pytest.approx(expected)
+def test_with_a_head_label_malignancy_and_gate(synthetic):
+    data, logits, head = synthetic
+    rows, s = ev.evaluate_set(fake_predictor(logits, head), data, 0.5)
+    probs = [spec[-1] for spec in SPECS]
+    for r, p in zip(rows, probs):
+        assert r["p_normal"] == pytest.approx(p[0]) and r["malignancy"] == pytest.approx(p[2] / (p[1] + p[2]))
+    # the head labels every image with a lesion left: the false blobs too (malignancy 0.67 and 0.56)
+    assert [r["pred_label"] for r in rows] == ["benign", "malignant", "normal", "benign", "malignant", "normal",
+                                               "malignant", "malignant"]
+    f = s["figures"]
+    # malignant 0.778, 0.625 against benign 0.105, 0.333, 0.625 (a tie): 5.5 of 6 pairs
+    assert f["auc"] == pytest.approx(5.5 / 6) and f["n_lesion_without_malignancy"] == 0
+    assert f["sensitivity_malignant"] == 1.0 and f["specificity_malignant"] == pytest.approx(2 / 3)
+    assert f["normal_fp_share"] == pytest.approx(2 / 3)
+    gated, s7 = ev.evaluate_set(fake_predictor(logits, head), data, 0.5, normal_gate=0.7)
+    assert [r["false_positive"] for r in gated if r["true_label"] == "normal"] == [0, 0, 1]  # P(normal) 0.85 >= 0.7
+    assert s7["figures"]["normal_fp_share"] == pytest.approx(1 / 3)
+    assert s7["figures"]["lesion_dice"] == s["figures"]["lesion_dice"]  # lesion images have P(normal) <= 0.2
 
 
-def test_hd95_boundary_at_the_image_edge():
-    """A mask touching the image edge has its boundary there (the edge counts as outside)."""
-    a = np.zeros((10, 10), bool)
-    a[:, :4] = True                                            # columns 0..3, touching three edges
-    assert ev.surface(a)[:, 0].all() and ev.surface(a)[:, 3].all() and not ev.surface(a)[5, 1:3].any()
-    assert ev.hd95(a, a) == 0.0
+def test_min_area_scales_to_the_image(synthetic):
+    """min_area is in pixels at the network's input size: 10 of them are 10 * 60 * 72 / 32**2 = 42 pixels here,
+    more than a false one-pixel blob grows to, far less than a lesion."""
+    data, logits, _ = synthetic
+    rows, s = ev.evaluate_set(fake_predictor(logits), data, 0.5, min_area=10.0)
+    assert s["figures"]["normal_fp_share"] == 0.0
+    assert s["figures"]["lesion_dice"] == pytest.approx(3 / 5)
+    assert ev._area_px(10.0, data, (H, W)) == pytest.approx(10 * H * W / NET ** 2)
+
+
+def test_head_with_the_wrong_classes_is_a_clear_error(synthetic):
+    data, logits, head = synthetic
+    with pytest.raises(ev.DataError, match="gives 2 classes, expected 3"):
+        ev.evaluate_set(fake_predictor(logits, head[:, :2]), data, 0.5)
+
+
+def sweep_matches_evaluation(data, predictor, sweep):
+    """Every row of a sweep equals evaluate_set at that setting."""
+    keys = ("dice", "iou", "dice_all_b", "accuracy", "miss_rate", "normal_fp_share")
+    for r in sweep:
+        _, s = ev.evaluate_set(predictor, data, r["threshold"], with_hd95=False, min_area=r["min_area"],
+                               normal_gate=r["normal_gate"])
+        h = ev.headline(s)
+        assert {k: r[k] for k in keys} == pytest.approx({k: h[k] for k in keys}, nan_ok=True), r
+
+
+def test_tune_removes_a_small_false_blob(synthetic):
+    """Without a head: the sweep over threshold x min_area picks the smallest min_area that clears the false
+    blobs of the normal images (threshold 0.5: the masks were drawn at 0.5, so the lesions are perfect there),
+    and each row is what evaluate_set gives at that setting."""
+    data, logits, _ = synthetic
+    predictor = fake_predictor(logits)
+    sweep = ev.threshold_sweep(predictor, data, batch_size=3, min_areas=ev.MIN_AREA_GRID, gates=ev.GATE_GRID)
+    assert len(sweep) == len(ev.THRESHOLD_GRID) * len(ev.MIN_AREA_GRID)  # no head: the gate is not swept
+    best = ev.choose_setting(sweep)
+    assert (best["threshold"], best["min_area"], best["normal_gate"]) == (0.5, 10.0, 1.0)
+    assert best["normal_fp_share"] == 0.0 and best["dice"] == pytest.approx(3 / 5) and best["miss_rate"] == 0.4
+    at_zero = [r for r in sweep if r["threshold"] == 0.5 and r["min_area"] == 0.0][0]
+    assert at_zero["normal_fp_share"] == pytest.approx(2 / 3) and at_zero["dice_all_b"] < best["dice_all_b"]
+    sweep_matches_evaluation(data, predictor, sweep)
+    text = ev.format_sweep(sweep, best)
+    assert "min_area" in text and "normal_gate" not in text
+
+
+def test_tune_with_a_head_sweeps_the_gate(synthetic):
+    data, logits, head = synthetic
+    predictor = fake_predictor(logits, head)
+    sweep = ev.threshold_sweep(predictor, data, grid=(0.3, 0.5), min_areas=(0.0, 10.0), gates=ev.GATE_GRID)
+    assert len(sweep) == 2 * 2 * len(ev.GATE_GRID)
+    best = ev.choose_setting(sweep)
+    # both blobs go with a gate at or below 0.55 (P(normal) 0.85 and 0.55) or with min_area 10: equal Dice (b);
+    # ties go to the threshold nearer 0.5, the smaller min_area, then the higher gate
+    assert (best["threshold"], best["min_area"], best["normal_gate"]) == (0.5, 0.0, 0.5)
+    assert best["normal_fp_share"] == 0.0
+    sweep_matches_evaluation(data, predictor, sweep)
+    assert "normal_gate 1" in ev.format_sweep(sweep, best)
+
+
+def test_choose_setting_ties():
+    rows = [{"threshold": 0.5, "min_area": 20.0, "normal_gate": 1.0, "dice_all_b": 0.8},
+            {"threshold": 0.5, "min_area": 10.0, "normal_gate": 0.9, "dice_all_b": 0.8},
+            {"threshold": 0.5, "min_area": 10.0, "normal_gate": 1.0, "dice_all_b": 0.8},
+            {"threshold": 0.4, "min_area": 0.0, "normal_gate": 1.0, "dice_all_b": 0.8}]
+    assert ev.choose_setting(rows) == rows[2]
+    assert ev.choose_setting(rows + [{"threshold": 0.9, "min_area": 160.0, "normal_gate": 0.3,
+                                      "dice_all_b": 0.81}])["threshold"] == 0.9
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -410,6 +509,62 @@ def test_evaluate_end_to_end_outputs(trained_run, phantom_tree, capsys):
     assert_png(out / "gallery" / "best_worst.png")           # outside the repository: beside the results
 
 
+def test_manifest_with_patients_and_subgroups(trained_run, phantom_tree, tmp_path, capsys, caplog):
+    """A manifest of 12 phantoms with a patient column (6 patients) and a doppler column: per_image.csv
+    carries both, the intervals resample patients, the subgroup rows count each value, reliability.png is
+    drawn; an unknown column is a clear error naming the manifest and the column."""
+    lines = ["image,mask,label,patient,doppler"]
+    for c in CLASS_NAMES:
+        for n in range(1, 5):
+            mask = "" if c == "normal" else str(phantom_tree / c / f"{c} ({n})_mask.png")
+            image, patient = phantom_tree / c / f"{c} ({n}).png", f"{c}-{(n + 1) // 2}"
+            lines.append(f"{image},{mask},{c},{patient},{'yes' if n % 2 else 'no'}")
+    manifest = tmp_path / "twelve.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    ck, out = str(trained_run / "last.safetensors"), tmp_path / "m"
+    args = ["--checkpoint", ck, "--manifest", str(manifest), "--device", "cpu", "--gallery", "0", "--bootstrap", "100"]
+    assert ev.main([*args, "--subgroups", "doppler", "--out_dir", str(out)]) == 0
+    rows = read_csv(out / "per_image.csv")
+    assert list(rows[0]) == [*ev.CSV_FIELDS, "doppler"] and len(rows) == 12
+    assert sorted({r["patient"] for r in rows}) == sorted(f"{c}-{i}" for c in CLASS_NAMES for i in (1, 2))
+    for r in rows:
+        assert (r["complete_miss"] == "") == (r["true_label"] == "normal") == (r["false_positive"] != "")
+        assert r["doppler"] in ("yes", "no") and r["p_normal"] == ""   # no head: no P(normal)
+    s = strict_json(out / "summary.json")
+    assert s["split"] == "all" and (s["min_area"], s["normal_gate"], s["head"]) == (0.0, 1.0, None)
+    assert s["intervals"]["resampled_by"] == "patient" and s["intervals"]["n_units"] == 6
+    assert s["figures"]["n_lesion"] == 8 and s["figures"]["n_normal"] == 4
+    normal_fp = [float(r["false_positive"]) for r in rows if r["true_label"] == "normal"]
+    assert s["figures"]["normal_fp_share"] == pytest.approx(np.mean(normal_fp))
+    assert [(g["value"], g["n"], g["n_lesion"], g["n_normal"]) for g in s["subgroups"]] == \
+        [("no", 6, 4, 2), ("yes", 6, 4, 2)]
+    assert len(s["reliability"]) == 10 and sum(b["count"] for b in s["reliability"]) == 8
+    assert_png(out / "reliability.png")
+    printed = capsys.readouterr().out
+    assert "complete misses" in printed and "doppler=yes" in printed and "6 patients" in printed
+    caplog.clear()
+    assert ev.main([*args, "--subgroups", "doppler,scanner", "--out_dir", str(tmp_path / "bad")]) == 2
+    assert f"{manifest}: no column 'scanner'" in caplog.text and "doppler" in caplog.text
+
+
+def test_subgroups_need_manifest_columns():
+    from dataset import Sample
+    cfg = {"subgroups": " marks , doppler,marks", "manifest": "x.csv", "data_dir": "", "path_to_images": ""}
+    samples = [Sample(Path("a.png"), (), "normal", "a.png", "p", (("doppler", "no"), ("marks", "yes")))]
+    assert ev.subgroup_columns(cfg, {}, samples) == ("marks", "doppler")
+    assert ev.subgroup_columns({**cfg, "subgroups": ""}, {}, samples) == ()
+    with pytest.raises(ev.DataError, match="data/BUSI \\(not a manifest\\): no column 'doppler'"):
+        ev.subgroup_columns({**cfg, "manifest": "", "data_dir": "data/BUSI", "subgroups": "doppler"}, {},
+                            [Sample(Path("a.png"), (), "normal", "a.png")])
+    clash = [Sample(Path("a.png"), (), "normal", "a.png", "", (("dice_a", "x"),))]
+    with pytest.raises(ev.DataError, match="per_image.csv column"):
+        ev.subgroup_columns({**cfg, "subgroups": "dice_a"}, {}, clash)
+    # with no data on the command line, the checkpoint's training data is meant
+    meta = {"train_config": {"manifest": "train.csv"}}
+    with pytest.raises(ev.DataError, match="train.csv: no column 'scanner'"):
+        ev.subgroup_columns({**cfg, "manifest": "", "subgroups": "scanner"}, meta, samples)
+
+
 def test_choose_threshold_prefers_all_image_dice_then_nearest_half():
     sweep = [{"threshold": 0.3, "dice_all_b": 0.70}, {"threshold": 0.4, "dice_all_b": 0.72},
              {"threshold": 0.6, "dice_all_b": 0.72}, {"threshold": 0.7, "dice_all_b": 0.71}]
@@ -429,17 +584,20 @@ def test_tune_threshold_sweeps_and_evaluates_at_the_chosen_one(trained_run, tmp_
     assert "chosen threshold" in printed and "ship_checkpoint.py --threshold" in printed
     s = strict_json(tmp_path / "t" / "summary.json")
     sweep = s["threshold_sweep"]
-    assert [r["threshold"] for r in sweep] == list(ev.THRESHOLD_GRID)
+    assert sorted({r["threshold"] for r in sweep}) == list(ev.THRESHOLD_GRID)
+    assert sorted({r["min_area"] for r in sweep}) == list(ev.MIN_AREA_GRID)
+    assert {r["normal_gate"] for r in sweep} == {1.0}          # no classification head: no gate to tune
+    assert len(sweep) == len(ev.THRESHOLD_GRID) * len(ev.MIN_AREA_GRID)
     best = max(r["dice_all_b"] for r in sweep)
-    chosen = [r for r in sweep if r["threshold"] == s["threshold"]][0]
+    chosen = [r for r in sweep if (r["threshold"], r["min_area"]) == (s["threshold"], s["min_area"])][0]
     assert chosen["dice_all_b"] == pytest.approx(best)
     assert s["all"]["dice_b"]["mean"] == pytest.approx(chosen["dice_all_b"], abs=1e-6)
     assert s["classification"]["accuracy"] == pytest.approx(chosen["accuracy"])
-    for r in (sweep[0], sweep[-1]):  # two rows checked against a plain evaluation at that threshold
+    for r in (sweep[0], sweep[-1]):  # two rows checked against a plain evaluation at that setting
         assert ev.main(["--checkpoint", ck, "--out_dir", str(tmp_path / "p"), "--device", "cpu", "--gallery", "0",
-                        "--threshold", str(r["threshold"])]) == 0
+                        "--threshold", str(r["threshold"]), "--min_area", str(r["min_area"])]) == 0
         p = strict_json(tmp_path / "p" / "summary.json")
-        assert p["all"]["dice_b"]["mean"] == pytest.approx(r["dice_all_b"], abs=1e-3)  # fp16 vs fp32 probs
+        assert p["all"]["dice_b"]["mean"] == pytest.approx(r["dice_all_b"], abs=1e-3)  # vectorised sweep vs decide
         assert p["classification"]["accuracy"] == pytest.approx(r["accuracy"], abs=0.05)
     assert sweep[0]["dice_all_b"] != sweep[-1]["dice_all_b"]  # the threshold matters for this model
 

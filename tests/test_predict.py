@@ -67,13 +67,36 @@ def test_glob_and_tta(tiny_checkpoint, phantom_tree, tmp_path):
 def test_threshold_comes_from_the_checkpoint(tiny_checkpoint, phantom_tree, tmp_path, monkeypatch):
     seen = {}
     real = predict.decide
-    monkeypatch.setattr(predict, "decide", lambda p, t: seen.setdefault("t", t) and real(p, t))
+    monkeypatch.setattr(predict, "decide", lambda p, t, *rest: seen.setdefault("t", (t, *rest)) and real(p, t, *rest))
     predict.main([str(phantom_tree / "normal" / "normal (2).png"), "--checkpoint", str(tiny_checkpoint),
                   "--out_dir", str(tmp_path)])
-    assert seen["t"] == 0.5
+    assert seen["t"] == (0.5, 0.0, None, 1.0)  # threshold, min area, no head, no gate
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, phantom_tree, caplog):
     code = predict.main([str(phantom_tree / "normal" / "normal (1).png"), "--checkpoint", str(tmp_path / "x.safetensors")])
     assert code == 2
     assert "x.safetensors: checkpoint not found" in caplog.text
+
+
+def test_decide_with_min_area_and_a_head():
+    p = torch.zeros(2, 20, 20)
+    p[0, 2:8, 2:8] = 0.9    # a 36-pixel lesion
+    p[1, 15:17, 15:17] = 0.9  # a 4-pixel speck
+    d = decide(p, 0.5, min_area=10)
+    assert d.lesion.sum() == 36 and d.label == "benign"
+    assert 0 <= d.malignancy < 0.2  # the lesion's probability sits in the benign channel
+    head = torch.tensor([0.1, 0.2, 0.7])  # normal, benign, malignant
+    d = decide(p, 0.5, 10, head, normal_gate=0.9)
+    assert d.label == "malignant" and abs(d.malignancy - 0.7 / 0.9) < 1e-6 and abs(d.p_normal - 0.1) < 1e-6
+    d = decide(p, 0.5, 10, torch.tensor([0.95, 0.03, 0.02]), normal_gate=0.9)
+    assert d.label == "normal" and not d.lesion.any()  # the head's normal gate clears the mask
+    d = decide(torch.zeros(2, 20, 20), 0.5, 0, head)
+    assert d.label == "normal" and abs(d.confidence - 0.1) < 1e-6
+
+
+def test_predictions_csv_has_the_probability_columns(tiny_checkpoint, phantom_tree, tmp_path):
+    predict.main([str(phantom_tree / "benign" / "benign (1).png"), "--checkpoint", str(tiny_checkpoint),
+                  "--out_dir", str(tmp_path)])
+    row = _rows(tmp_path / "predictions.csv")[0]
+    assert "malignancy_probability" in row and row["normal_probability"] == ""  # no head: not known

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -9,7 +10,7 @@ from PIL import Image
 
 import train
 from cli import read_settings
-from evaluate import dice_iou
+from metrics import dice_iou
 
 # The stated bar: 14 short epochs at 64x64 on 24 training phantoms reach this lesion Dice on the held-out ones
 # (measured: 0.91 at epoch 12, so the bar leaves room for numeric differences between machines).
@@ -93,3 +94,47 @@ def test_every_setting_is_a_flag():
     from cli import parse_settings
     parsed = parse_settings(train.__file__, ["--epochs", "3", "--no-channels-last", "--path-to-images", "a b"])
     assert parsed["epochs"] == 3 and parsed["channels_last"] is False and parsed["path_to_images"] == "a b"
+
+
+def test_head_dice_loss_scanner_augmentation_onecycle_and_two_sources(tmp_path, phantom_tree):
+    """The options of the off-domain recipe run together; the log and checkpoint report each source."""
+    import predict
+    from model import load_checkpoint
+    from phantom import write_busi_tree
+    other = write_busi_tree(tmp_path / "site2", per_class=4, height=80, width=100, seed=9)
+    cfg = train.default_settings(sources=f"busi={phantom_tree};site2={other}", out_dir=str(tmp_path / "run"),
+                                 loss_graph_dir=str(tmp_path / "lg"), epochs=2, image_size=64, expand=2,
+                                 batch_size=4, optimizer="adamw", lr=3e-4, lr_schedule="onecycle", head=True,
+                                 loss="bce+dice", augment="scanner", balance_sources=True, min_area=5.0,
+                                 progress=False)
+    metrics = train.train_model(cfg)
+    assert {"dice_busi", "dice_site2", "accuracy_busi"} <= set(metrics)
+    with open(tmp_path / "run" / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {"val_dice_busi", "val_dice_site2", "val_iou_site2"} <= set(rows[0])
+    assert float(rows[1]["lr"]) < 3e-4 * 0.5  # one-cycle: decayed by the end of the run
+    model, meta = load_checkpoint(tmp_path / "run" / "best.safetensors")
+    assert meta["head"] == ["normal", "benign", "malignant"] and meta["min_area"] == 5.0
+    assert meta["augment"]["depth_ramp"] > 0
+    seg, cls = predict.split_output(predict.predict_logits(model, np.zeros((2, 1, 64, 64), np.uint8), "cpu"))
+    assert seg.shape == (2, 2, 64, 64) and cls.shape == (2, 3)
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    assert set(split["sources"]) == {"busi", "site2"}
+
+
+def test_make_loss_adds_dice_and_head_terms():
+    import torch
+    y = torch.zeros(2, 2, 8, 8)
+    y[0, 0, 2:5, 2:5] = 1
+    seg = torch.zeros(2, 2, 8, 8)
+    labels = torch.tensor([1, 0])
+    base = train.default_settings()
+    bce = train.make_loss({**base, "loss": "bce"})(seg, y, labels)
+    both = train.make_loss({**base, "loss": "bce+dice"})(seg, y, labels)
+    assert torch.isclose(bce, torch.nn.functional.binary_cross_entropy_with_logits(seg, y))
+    assert both > bce + 0.3  # the soft Dice of a 0.5-everywhere guess is poor
+    cls = torch.zeros(2, 3)
+    with_head = train.make_loss({**base, "loss": "bce", "head_weight": 0.5})((seg, cls), y, labels)
+    assert torch.isclose(with_head - bce, 0.5 * torch.log(torch.tensor(3.0)), atol=1e-5)
+    with pytest.raises(ValueError, match="bce or bce\\+dice"):
+        train.make_loss({**base, "loss": "dice"})
