@@ -251,7 +251,7 @@ def run_project(args, dev: torch.device, variant: str) -> dict:
     """The project's path: train.make_batch + the training step of train.py; predict.predict_logits."""
     import train
     from augment import expanded_order
-    from predict import predict_logits
+    from backends import predict_logits
     bf16 = variant == "bf16"
     use_amp = dev.type == "cuda" or bf16           # train.py: bf16 autocast on CUDA; here also on the CPU if asked
     amp_dev = dev.type
@@ -394,8 +394,9 @@ def run_naive(args, dev: torch.device) -> dict:
 
 def run_onnx(args, dev: torch.device) -> dict:
     """ONNX Runtime (CPU) inference of the same model, through export_onnx's predictor."""
+    import backends
     import export_onnx
-    from predict import predict_logits
+    from backends import predict_logits
     res = {"load_start": loadavg()}
     images, _, _ = project_data(args)
     n, bs = len(images), args.batch_size
@@ -404,8 +405,8 @@ def run_onnx(args, dev: torch.device) -> dict:
         t = time.perf_counter()
         path = export_onnx.export_model(model, Path(tmp) / "bench.onnx", args.image_size)
         res["export_s"] = time.perf_counter() - t
-        session = export_onnx.make_session(path, args.threads)
-    predictor = export_onnx.session_predictor(session)
+        session = backends.make_session(path, args.threads)
+    predictor = backends.session_predictor(session)
     imgs = images[torch.arange(args.infer_images) % n]
     ref = torch.sigmoid(predict_logits(model, imgs[:2], torch.device("cpu"), bs, False, False))
     res["max_prob_diff"] = float((torch.sigmoid(predictor(imgs[:2], bs, False)) - ref).abs().max())

@@ -40,7 +40,7 @@ def parse_settings(source_file: str | Path, argv: list[str] | None = None, descr
     ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, (default, help_) in settings.items():
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
-        help_ = f"{help_} (default: {default!r})"
+        help_ = f"{help_} (default: {default!r})".replace("%", "%%")  # argparse formats help with %
         if isinstance(default, bool):
             ap.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=default, help=help_)
         elif isinstance(default, (int, float)):

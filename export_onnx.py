@@ -23,7 +23,6 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 log = logging.getLogger("export_onnx")
@@ -137,49 +136,6 @@ def ensure_onnx(checkpoint_path: str | Path) -> Path:
         return alt if _is_current(alt, checkpoint_path) else export_checkpoint(checkpoint_path, alt)
 
 
-def make_session(onnx_path: str | Path, threads: int = 0):
-    """An ONNX Runtime CPU session; threads 0: as many intra-op threads as torch uses (the CPU's cores)."""
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.intra_op_num_threads = threads or torch.get_num_threads()
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
-
-
-def session_predictor(session, batch_size_default: int = 8):
-    """(uint8 images N x 1 x S x S as numpy or torch, batch_size, tta) -> torch float32 logits N x C x S x S
-    (and, for a model with a classification head, its label logits N x K as a tuple), with
-    predict.predict_logits' semantics (dataset.normalize; tta averages with the mirrored image)."""
-    from dataset import normalize
-    in_name = session.get_inputs()[0].name
-    with_head = len(session.get_outputs()) > 1
-
-    def run(x: np.ndarray) -> list[np.ndarray]:
-        return session.run(None, {in_name: np.ascontiguousarray(x)})
-
-    def as_tensor(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
-
-    def predictor(images, batch_size: int = batch_size_default, tta: bool = False):
-        images = torch.as_tensor(np.array(images) if isinstance(images, np.ndarray) else images)
-        segs, clss = [], []
-        for i in range(0, images.shape[0], max(1, int(batch_size))):
-            x = normalize(images[i:i + batch_size].float()).numpy()
-            z = run(x)
-            if tta:
-                m = run(x[..., ::-1])
-                z = [(z[0] + m[0][..., ::-1]) / 2, *[(a + b) / 2 for a, b in zip(z[1:], m[1:])]]
-            segs.append(as_tensor(z[0]))
-            clss += [as_tensor(z[1])] if with_head else []
-        seg = torch.cat(segs) if segs else torch.zeros(0)
-        return (seg, torch.cat(clss)) if clss else seg
-
-    return predictor
-
-
 def onnx_predictor(checkpoint_path: str | Path, meta: dict | None = None, threads: int = 0):
     """predict.py's ONNX backend: a callable (uint8 images, batch_size, tta) -> torch float32 logits, running
     <checkpoint stem>.onnx (exported on first use) with ONNX Runtime on the CPU."""
@@ -193,6 +149,7 @@ def onnx_predictor(checkpoint_path: str | Path, meta: dict | None = None, thread
         if "image_size" in stored and int(json.loads(stored["image_size"])) != int(meta["image_size"]):
             raise RuntimeError(f"{path}: made for {stored['image_size']}px, the checkpoint says {meta['image_size']}px; "
                                f"delete it and run python export_onnx.py --checkpoint {checkpoint_path}")
+    from backends import make_session, session_predictor
     return session_predictor(make_session(path, threads))
 
 
@@ -213,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("wrote %s (%.1f MB)", out, out.stat().st_size / 2 ** 20)
     if args.check:
-        from predict import predict_logits, split_output
+        from backends import make_session, predict_logits, session_predictor, split_output
         model, meta = load_checkpoint(args.checkpoint, "cpu")
         s = int(meta["image_size"])
         images = torch.randint(0, 256, (3, int(meta["in_channels"]), s, s), dtype=torch.uint8,

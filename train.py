@@ -22,6 +22,7 @@ writes files; --resume continues with any number of processes.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -31,9 +32,10 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -212,7 +214,7 @@ def make_loss(cfg: dict):
     """The training loss of a network output against lesion targets y (N x C x S x S) and image labels (N):
     pixel-wise BCE (the recipe), + soft Dice over the lesion channels (SMP's multilabel DiceLoss, which leaves
     channels without lesion pixels in the batch out), + head_weight x cross-entropy of the classification head."""
-    from predict import split_output
+    from backends import split_output
     if cfg["loss"] not in ("bce", "bce+dice"):
         raise ValueError(f"loss must be bce or bce+dice, got {cfg['loss']!r}")
     dice = None
@@ -353,7 +355,7 @@ def validate(model, val, device, cfg, rank: int = 0, world: int = 1) -> tuple[fl
     """Validation loss and metrics. Under torchrun each rank scores a contiguous share of the validation
     images; the per-image rows and BCE sums are gathered so that every rank returns the same numbers."""
     from evaluate import evaluate_set, headline, summarize
-    from predict import predict_logits
+    from backends import predict_logits
     model.eval()
     predictor = lambda imgs, bs, tta_: predict_logits(model, imgs, device, bs, tta_, cfg["channels_last"])
     part = val if world == 1 else val.subset(list(range(len(val) * rank // world, len(val) * (rank + 1) // world)))
@@ -403,6 +405,104 @@ def train_model(cfg: dict) -> dict:
         torch.distributed.destroy_process_group()
 
 
+@dataclass
+class RunState:
+    """One training run: what set-up made of the settings (data, network, optimizer, ...) and where the run
+    stands (epoch position, step, best validation loss, the epoch's running loss). The epoch loop and the
+    functions beside it read and advance it."""
+    cfg: dict
+    dev: torch.device
+    rank: int                     # this process under torchrun (0 outside it)
+    world: int                    # number of processes (1 outside torchrun)
+    out: Path                     # out_dir
+    train: dataset.LoadedSet
+    val: dataset.LoadedSet
+    split_path: Path
+    model: torch.nn.Module        # the bare network: validated and saved
+    opt: torch.optim.Optimizer
+    sched: object                 # ReduceLROnPlateau (stepped per epoch) or OneCycleLR (stepped per step)
+    loss_fn: Callable
+    aug_cfg: AugmentConfig
+    global_batch: int             # images per optimizer step, over all ranks
+    step_model: torch.nn.Module | None = None  # what the steps run: model, wrapped by DDP and/or torch.compile
+    images_dev: torch.Tensor | None = None      # the training set on the device: images, lesion targets, labels
+    targets_dev: torch.Tensor | None = None
+    labels_dev: torch.Tensor | None = None
+    use_amp: bool = False         # bf16 autocast
+    rows: list[dict] = field(default_factory=list)  # log.csv so far
+    # where the run stands
+    start_epoch: int = 1
+    start_sample: int = 0         # draws of start_epoch already trained on before a resume
+    step: int = 0                 # optimizer steps so far, over all sessions
+    best_loss: float = math.inf   # lowest validation loss so far (best.safetensors)
+    # [sum of the per-step losses, their count] in this epoch: this rank's in this session (running), and
+    # those of the epoch's steps before a resume (carried; global steps: identical on all ranks)
+    running: list = field(default_factory=lambda: [0.0, 0])
+    carried: list = field(default_factory=lambda: [0.0, 0])
+    interrupted: bool = False     # Ctrl-C was pressed
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def _train(cfg: dict, dev: torch.device, rank: int, world: int) -> dict:
+    """The training loop: set-up, then per epoch its steps and its bookkeeping (validation, log, files)."""
+    run = setup_run(cfg, dev, rank, world)
+    metrics: dict = {}
+    with ctrl_c_stops(run):
+        for epoch in range(run.start_epoch, cfg["epochs"] + 1):
+            t0 = time.time()
+            idx, variant = epoch_order(run, epoch)
+            offset = run.start_sample if epoch == run.start_epoch else 0  # draws already trained on (resume)
+            if epoch != run.start_epoch or not cfg["resume"]:
+                run.carried = [0.0, 0]
+            run.running = [0.0, 0]
+            if not train_epoch(run, epoch, idx, variant, offset):
+                return metrics  # stopped inside the epoch (Ctrl-C, max_steps) after saving a resumable state
+            metrics = end_epoch(run, epoch, t0)
+            if run.distributed:
+                run.interrupted = _sum_over_ranks([float(run.interrupted)], dev)[0] > 0
+            if run.interrupted or (cfg["max_steps"] and run.step >= cfg["max_steps"]):
+                log.info("stopped after epoch %d; continue with --resume", epoch)
+                break
+    return metrics
+
+
+# ---- set-up of a run: data, model, optimizer, scheduler, loss, resume state, distributed plumbing
+
+def setup_run(cfg: dict, dev: torch.device, rank: int, world: int) -> RunState:
+    """Everything the loop needs, in the order that keeps the random numbers of earlier runs: out_dir, data,
+    seeded weights, optimizer, scheduler, loss, resume state, DDP / compile, the training set on the device."""
+    out = _on_rank0(check_out_dir, cfg, True)
+    train, val, split_path, _ = prepare_data(cfg, out, rank == 0)
+    torch.manual_seed(cfg["seed"])
+    model = make_model(cfg).to(dev)
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    if world > 1 and cfg["sync_bn"]:
+        model = convert_sync_bn(model, dev)
+    opt = make_optimizer(cfg, model.parameters())
+    global_batch = cfg["batch_size"] * world
+    sched = make_scheduler(cfg, opt, len(train) * cfg["expand"] // global_batch)
+    run = RunState(cfg, dev, rank, world, out, train, val, split_path, model, opt, sched, make_loss(cfg),
+                   AugmentConfig.preset(cfg["augment"]), global_batch)
+    if cfg["resume"]:
+        restore_run(run)
+    run.step_model = wrap_model(run)
+    run.images_dev = torch.as_tensor(train.images).to(dev)
+    run.labels_dev = torch.tensor([dataset.CLASS_NAMES.index(s.label) for s in train.samples], device=dev)
+    run.targets_dev = torch.as_tensor(train.targets).to(dev)
+    run.use_amp = (cfg["amp"] and dev.type == "cuda") or (cfg["cpu_bf16"] and dev.type == "cpu" and _cpu_has_amx())
+    if cfg["resume"]:
+        run.rows = [r for r in read_log(out / "log.csv") if int(r["epoch"]) < run.start_epoch]
+    return run
+
+
 def _load_resume(out: Path) -> tuple[dict, dict, int]:
     """(resume.pt state, the weights saved with it, batch size of the run that saved them)."""
     from model import load_checkpoint, load_resume_state
@@ -417,188 +517,206 @@ def _load_resume(out: Path) -> tuple[dict, dict, int]:
     return state, weights.state_dict(), int(meta.get("train_config", {}).get("batch_size", 0))
 
 
-def _train(cfg: dict, dev: torch.device, rank: int, world: int) -> dict:
-    is_main = rank == 0
-    distributed = world > 1
-    out = _on_rank0(check_out_dir, cfg, True)
-    train, val, split_path, _ = prepare_data(cfg, out, is_main)
-    torch.manual_seed(cfg["seed"])
-    model = make_model(cfg).to(dev)
-    if cfg["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
-    if distributed and cfg["sync_bn"]:
-        model = convert_sync_bn(model, dev)
-    opt = make_optimizer(cfg, model.parameters())
-    global_batch = cfg["batch_size"] * world  # images per optimizer step, over all ranks
-    sched = make_scheduler(cfg, opt, len(train) * cfg["expand"] // global_batch)
-    loss_fn = make_loss(cfg)
-    aug_cfg = AugmentConfig.preset(cfg["augment"])
-    start_epoch, start_sample, best_loss, step = 1, 0, math.inf, 0
-    running = [0.0, 0]  # this rank's sum of per-step losses and their count, in this epoch and this session
-    carried = [0.0, 0]  # the same of the epoch's steps before a resume (global steps: identical on all ranks)
-    if cfg["resume"]:
-        # rank 0 reads resume.pt (out_dir need not be shared between machines); every rank gets its content
-        state, weights, saved_bs = _on_rank0(_load_resume, out)
-        try:
-            if state.get("optimizer_class", type(opt).__name__) != type(opt).__name__:
-                raise ValueError(f"saved by {state['optimizer_class']}, this run uses {type(opt).__name__}")
-            model.load_state_dict(weights)
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["torch_rng"])
-        except (KeyError, ValueError, TypeError, RuntimeError) as e:
-            raise CheckpointError(f"{out / 'resume.pt'}: does not fit this run (other encoder or optimizer?): "
-                                  f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
-        start_epoch = int(state["epoch"])
-        # position in the epoch as samples consumed: valid with any batch size and number of processes
-        # (files from before torchrun support count single-process batches of the saved batch size)
-        start_sample = int(state["samples"]) if "samples" in state else \
-            int(state["batch"]) * (saved_bs or cfg["batch_size"])
-        best_loss, step = float(state["best_val_loss"]), int(state["step"])
-        carried = [float(state["running_loss"]), int(state["running_count"])]
-        saved_gb = int(state.get("global_batch", saved_bs or cfg["batch_size"]))
-        log.info("resuming %s at epoch %d after %d of its training samples (step %d); global batch %d "
-                 "(%d per process x %d)%s", out, start_epoch, start_sample, step, global_batch, cfg["batch_size"],
-                 world, f", was {saved_gb}" if saved_gb != global_batch else "")
-    train_model_ = model
-    if distributed:
+def restore_run(run: RunState) -> None:
+    """Continue where resume.pt stopped: weights, optimizer, scheduler, RNG, position, best and running loss."""
+    cfg, out, opt = run.cfg, run.out, run.opt
+    # rank 0 reads resume.pt (out_dir need not be shared between machines); every rank gets its content
+    state, weights, saved_bs = _on_rank0(_load_resume, out)
+    try:
+        if state.get("optimizer_class", type(opt).__name__) != type(opt).__name__:
+            raise ValueError(f"saved by {state['optimizer_class']}, this run uses {type(opt).__name__}")
+        run.model.load_state_dict(weights)
+        opt.load_state_dict(state["optimizer"])
+        run.sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise CheckpointError(f"{out / 'resume.pt'}: does not fit this run (other encoder or optimizer?): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:300]}") from None
+    run.start_epoch = int(state["epoch"])
+    # position in the epoch as samples consumed: valid with any batch size and number of processes
+    # (files from before torchrun support count single-process batches of the saved batch size)
+    run.start_sample = int(state["samples"]) if "samples" in state else \
+        int(state["batch"]) * (saved_bs or cfg["batch_size"])
+    run.best_loss, run.step = float(state["best_val_loss"]), int(state["step"])
+    run.carried = [float(state["running_loss"]), int(state["running_count"])]
+    saved_gb = int(state.get("global_batch", saved_bs or cfg["batch_size"]))
+    log.info("resuming %s at epoch %d after %d of its training samples (step %d); global batch %d "
+             "(%d per process x %d)%s", out, run.start_epoch, run.start_sample, run.step, run.global_batch,
+             cfg["batch_size"], run.world, f", was {saved_gb}" if saved_gb != run.global_batch else "")
+
+
+def wrap_model(run: RunState) -> torch.nn.Module:
+    """The model the training steps run: DistributedDataParallel under torchrun, then torch.compile if asked."""
+    step_model = run.model
+    if run.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
         # static_graph: some encoders hold parameters the UNet never uses (efficientnet-lite0's conv_head);
         # DDP must know, or it leaves their bucket un-averaged and fails on the next step
-        train_model_ = DDP(model, device_ids=[dev.index] if dev.type == "cuda" else None, static_graph=True)
-        if rank:  # stochastic layers (drop path) draw different numbers on each rank; rank 0 keeps its stream
-            torch.manual_seed((cfg["seed"] * 1_000_003 + step) * 1_000_003 + rank)
-    if cfg["compile"]:
-        train_model_ = torch.compile(train_model_)
-    images_dev = torch.as_tensor(train.images).to(dev)
-    source_names = {s.source for s in val.samples if s.source}
-    labels_dev = torch.tensor([dataset.CLASS_NAMES.index(s.label) for s in train.samples], device=dev)
-    targets_dev = torch.as_tensor(train.targets).to(dev)
-    use_amp = (cfg["amp"] and dev.type == "cuda") or (cfg["cpu_bf16"] and dev.type == "cpu" and _cpu_has_amx())
-    log_path = out / "log.csv"
-    rows = [r for r in read_log(log_path) if int(r["epoch"]) < start_epoch] if cfg["resume"] else []
-    graph = Path(cfg["loss_graph_dir"]) / f"{out.name}.png"
-    metrics: dict = {}
-    run_cfg = dict(cfg)
+        step_model = DDP(run.model, device_ids=[run.dev.index] if run.dev.type == "cuda" else None,
+                         static_graph=True)
+        if run.rank:  # stochastic layers (drop path) draw different numbers on each rank; rank 0 keeps its stream
+            torch.manual_seed((run.cfg["seed"] * 1_000_003 + run.step) * 1_000_003 + run.rank)
+    if run.cfg["compile"]:
+        step_model = torch.compile(step_model)
+    return step_model
 
-    def save_state(epoch: int, samples: int, running_total: list[float]) -> None:
-        """Everything needed to continue exactly here: weights, optimizer, scheduler, position, RNG.
-        samples: training samples of this epoch already used (any batch size / world size can go on)."""
-        from model import save_resume_state
-        save_resume_state(out / "resume.pt", {  # one file, written atomically: weights, optimizer, position
-            "model": {k: v.detach().to("cpu") for k, v in model.state_dict().items()},
-            "optimizer": opt.state_dict(), "optimizer_class": type(opt).__name__, "scheduler": sched.state_dict(), "epoch": epoch,
-            "batch": samples // global_batch, "samples": samples, "global_batch": global_batch, "world_size": world,
-            "step": step, "best_val_loss": best_loss, "running_loss": float(running_total[0]),
-            "running_count": int(running_total[1]), "torch_rng": torch.get_rng_state()})
 
-    def epoch_loss_total() -> list[float]:
-        """(sum of the per-step training losses of this epoch, number of steps), a step's loss being the
-        mean over the ranks' batches: the same numbers as one process with the whole global batch."""
-        total = _sum_over_ranks(running, dev)
-        return [carried[0] + total[0] / world, carried[1] + round(total[1] / world)]
-
-    interrupted = {"flag": False}
+@contextlib.contextmanager
+def ctrl_c_stops(run: RunState):
+    """Ctrl-C sets run.interrupted: the run stops at the next step and saves a resumable state. Under torchrun
+    every rank gets Ctrl-C; they agree on stopping at the same step."""
     old_handler = signal.getsignal(signal.SIGINT)
-    if threading_main():  # under torchrun every rank gets Ctrl-C; they agree on stopping at the next step
-        signal.signal(signal.SIGINT, lambda *_: interrupted.__setitem__("flag", True))
-    epoch = start_epoch
+    if threading_main():
+        signal.signal(signal.SIGINT, lambda *_: setattr(run, "interrupted", True))
     try:
-        for epoch in range(start_epoch, cfg["epochs"] + 1):
-            t0 = time.time()
-            idx_all, var_all = expanded_order(len(train), cfg["expand"], epoch_generator(cfg["seed"], epoch))
-            if cfg["balance_sources"]:
-                idx_all = balanced_order(train, idx_all, epoch_generator(cfg["seed"], epoch, -2))
-            # the epoch's order is the same for any number of processes; a global batch is global_batch
-            # consecutive draws of it, and rank r takes the r-th slice of batch_size of each
-            offset = start_sample if epoch == start_epoch else 0  # draws already trained on (resume)
-            n_batches = (len(idx_all) - offset) // global_batch
-            if epoch != start_epoch or not cfg["resume"]:
-                carried = [0.0, 0]
-            running = [0.0, 0]
-            from tqdm import tqdm
-            bar = tqdm(range(n_batches), desc=f"epoch {epoch}/{cfg['epochs']}", unit="batch",
-                       disable=not (cfg["progress"] and is_main), leave=False)
-            for b in bar:
-                lo = offset + b * global_batch + rank * cfg["batch_size"]
-                sel = slice(lo, lo + cfg["batch_size"])
-                x, y = make_batch(idx_all[sel], var_all[sel], epoch_generator(cfg["seed"], epoch, lo // cfg["batch_size"]),
-                                  images_dev, targets_dev, cfg["channels_last"], aug_cfg)
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
-                    out_ = train_model_(x)
-                loss = loss_fn(out_, y, labels_dev[idx_all[sel].to(dev)])
-                if distributed:  # one small all-reduce per step: every rank stops at the same step
-                    bad, stop_signal = (v > 0 for v in _sum_over_ranks(
-                        [float(not torch.isfinite(loss)), float(interrupted["flag"])], dev))
-                else:
-                    bad, stop_signal = not torch.isfinite(loss), interrupted["flag"]
-                if bad:
-                    raise TrainingError(f"the loss became {float(loss.detach())} at epoch {epoch}, batch {b}"
-                                        f"{' on one of the processes' if distributed else ''}; training "
-                                        f"stopped. The last good checkpoint in {out} is kept. Try a lower --lr")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                if cfg["lr_schedule"] == "onecycle":
-                    sched.step()
-                step += 1
-                running[0] += float(loss.detach())
-                running[1] += 1
-                bar.set_postfix(loss=f"{running[0] / running[1]:.4f}")
-                stop_now = stop_signal or (cfg["max_steps"] and step >= cfg["max_steps"])
-                periodic = cfg["save_every_steps"] and step % cfg["save_every_steps"] == 0
-                if (stop_now or periodic) and b + 1 < n_batches:
-                    _check_finite(model, out, f"epoch {epoch}, batch {b}")  # same weights on every rank
-                    running_total = epoch_loss_total()  # every rank takes part; rank 0 saves
-                    if is_main:
-                        save_state(epoch, offset + (b + 1) * global_batch, running_total)
-                if stop_now and b + 1 < n_batches:
-                    why = "interrupted (Ctrl-C)" if stop_signal else f"max_steps={cfg['max_steps']} reached"
-                    log.info("%s: saved a resumable state in %s (continue with --resume)", why, out)
-                    return metrics
-            bar.close()
-            running_total = epoch_loss_total()
-            train_loss = running_total[0] / max(1, running_total[1])
-            val_loss, metrics, _ = validate(model, val, dev, cfg, rank, world)  # the same on every rank
-            if not (math.isfinite(val_loss) and math.isfinite(train_loss)):
-                raise TrainingError(f"the loss became non-finite in epoch {epoch} (train {train_loss}, validation "
-                                    f"{val_loss}); training stopped. The last good checkpoint in {out} is kept. "
-                                    f"Try a lower --lr")
-            _check_finite(model, out, f"the end of epoch {epoch}")
-            if cfg["lr_schedule"] == "plateau":
-                sched.step(val_loss)
-            row = {"epoch": epoch, "train_loss": f"{train_loss:.6f}", "val_loss": f"{val_loss:.6f}",
-                   "val_dice": f"{metrics['dice']:.4f}", "val_iou": f"{metrics['iou']:.4f}",
-                   "val_dice_all_b": f"{metrics['dice_all_b']:.4f}", "val_accuracy": f"{metrics['accuracy']:.4f}",
-                   "lr": f"{opt.param_groups[0]['lr']:.3g}", "seconds": f"{time.time() - t0:.1f}",
-                   "image_size": cfg["image_size"]}
-            row.update({f"val_{k}": f"{v:.4f}" for k, v in metrics.items() if k.rsplit("_", 1)[-1] in source_names})
-            metrics = {**metrics, "val_loss": val_loss, "train_loss": train_loss}
-            log.info("epoch %d: train loss %.4f, val loss %.4f, val lesion Dice %.4f IoU %.4f, accuracy %.3f, lr %s, %.0fs",
-                     epoch, train_loss, val_loss, metrics["dice"], metrics["iou"], metrics["accuracy"], row["lr"],
-                     time.time() - t0)
-            improved = val_loss < best_loss
-            best_loss = min(best_loss, val_loss)
-            running = [0.0, 0]
-            if is_main:
-                from model import save_checkpoint
-                rows.append(row)
-                meta = checkpoint_meta(run_cfg, split_path, epoch, metrics)
-                if improved:
-                    save_checkpoint(out / "best.safetensors", model, meta)
-                save_checkpoint(out / "last.safetensors", model, meta)
-                write_log(log_path, rows)
-                plot_losses(rows, graph, f"{out.name}: {cfg['encoder']} UNet, {cfg['image_size']}px")
-                save_state(epoch + 1, 0, running)  # last: a kill before this redoes the end of the epoch
-            if distributed:
-                interrupted["flag"] = _sum_over_ranks([float(interrupted["flag"])], dev)[0] > 0
-            if interrupted["flag"] or (cfg["max_steps"] and step >= cfg["max_steps"]):
-                log.info("stopped after epoch %d; continue with --resume", epoch)
-                break
+        yield
     finally:
         if threading_main():
             signal.signal(signal.SIGINT, old_handler)
+
+
+# ---- the steps of an epoch
+
+def epoch_order(run: RunState, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The epoch's draws: (image index, augmentation variant) each, the same for any number of processes."""
+    cfg = run.cfg
+    idx, variant = expanded_order(len(run.train), cfg["expand"], epoch_generator(cfg["seed"], epoch))
+    if cfg["balance_sources"]:
+        idx = balanced_order(run.train, idx, epoch_generator(cfg["seed"], epoch, -2))
+    return idx, variant
+
+
+def train_epoch(run: RunState, epoch: int, idx: torch.Tensor, variant: torch.Tensor, offset: int) -> bool:
+    """The epoch's optimizer steps from draw `offset` on. A global batch is global_batch consecutive draws,
+    and rank r takes the r-th slice of batch_size of each. Saves a resumable state every save_every_steps;
+    returns False when it stopped inside the epoch (Ctrl-C, max_steps), after saving one."""
+    cfg = run.cfg
+    n_batches = (len(idx) - offset) // run.global_batch
+    from tqdm import tqdm
+    bar = tqdm(range(n_batches), desc=f"epoch {epoch}/{cfg['epochs']}", unit="batch",
+               disable=not (cfg["progress"] and run.is_main), leave=False)
+    for b in bar:
+        lo = offset + b * run.global_batch + run.rank * cfg["batch_size"]
+        stop_signal = train_step(run, epoch, b, idx[lo:lo + cfg["batch_size"]], variant[lo:lo + cfg["batch_size"]],
+                                 lo // cfg["batch_size"])
+        bar.set_postfix(loss=f"{run.running[0] / run.running[1]:.4f}")
+        stop_now = stop_signal or (cfg["max_steps"] and run.step >= cfg["max_steps"])
+        periodic = cfg["save_every_steps"] and run.step % cfg["save_every_steps"] == 0
+        if (stop_now or periodic) and b + 1 < n_batches:
+            _check_finite(run.model, run.out, f"epoch {epoch}, batch {b}")  # same weights on every rank
+            running_total = epoch_loss_total(run)  # every rank takes part; rank 0 saves
+            if run.is_main:
+                save_state(run, epoch, offset + (b + 1) * run.global_batch, running_total)
+        if stop_now and b + 1 < n_batches:
+            why = "interrupted (Ctrl-C)" if stop_signal else f"max_steps={cfg['max_steps']} reached"
+            log.info("%s: saved a resumable state in %s (continue with --resume)", why, run.out)
+            return False
+    bar.close()
+    return True
+
+
+def train_step(run: RunState, epoch: int, b: int, idx: torch.Tensor, variant: torch.Tensor, aug_batch: int) -> bool:
+    """One optimizer step on this rank's draws (idx, variant) of batch b; aug_batch seeds their augmentation.
+    Stops on a non-finite loss on any rank; returns whether Ctrl-C (on any rank) asks to stop."""
+    cfg = run.cfg
+    x, y = make_batch(idx, variant, epoch_generator(cfg["seed"], epoch, aug_batch), run.images_dev,
+                      run.targets_dev, cfg["channels_last"], run.aug_cfg)
+    with torch.autocast(run.dev.type, dtype=torch.bfloat16, enabled=run.use_amp):
+        out_ = run.step_model(x)
+    loss = run.loss_fn(out_, y, run.labels_dev[idx.to(run.dev)])
+    if run.distributed:  # one small all-reduce per step: every rank stops at the same step
+        bad, stop_signal = (v > 0 for v in _sum_over_ranks(
+            [float(not torch.isfinite(loss)), float(run.interrupted)], run.dev))
+    else:
+        bad, stop_signal = not torch.isfinite(loss), run.interrupted
+    if bad:
+        raise TrainingError(f"the loss became {float(loss.detach())} at epoch {epoch}, batch {b}"
+                            f"{' on one of the processes' if run.distributed else ''}; training "
+                            f"stopped. The last good checkpoint in {run.out} is kept. Try a lower --lr")
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    run.opt.step()
+    if cfg["lr_schedule"] == "onecycle":
+        run.sched.step()
+    run.step += 1
+    run.running[0] += float(loss.detach())
+    run.running[1] += 1
+    return stop_signal
+
+
+def epoch_loss_total(run: RunState) -> list[float]:
+    """(sum of the per-step training losses of this epoch, number of steps), a step's loss being the mean over
+    the ranks' batches: the same numbers as one process with the whole global batch."""
+    total = _sum_over_ranks(run.running, run.dev)
+    return [run.carried[0] + total[0] / run.world, run.carried[1] + round(total[1] / run.world)]
+
+
+# ---- the end of an epoch: validation, log, checkpoints, loss graph, resume state
+
+def end_epoch(run: RunState, epoch: int, t0: float) -> dict:
+    """Validate, step the plateau scheduler, log the epoch; rank 0 writes its files. Returns its metrics."""
+    cfg, out = run.cfg, run.out
+    running_total = epoch_loss_total(run)
+    train_loss = running_total[0] / max(1, running_total[1])
+    val_loss, metrics, _ = validate(run.model, run.val, run.dev, cfg, run.rank, run.world)  # same on every rank
+    if not (math.isfinite(val_loss) and math.isfinite(train_loss)):
+        raise TrainingError(f"the loss became non-finite in epoch {epoch} (train {train_loss}, validation "
+                            f"{val_loss}); training stopped. The last good checkpoint in {out} is kept. "
+                            f"Try a lower --lr")
+    _check_finite(run.model, out, f"the end of epoch {epoch}")
+    if cfg["lr_schedule"] == "plateau":
+        run.sched.step(val_loss)
+    row = log_row(run, epoch, train_loss, val_loss, metrics, t0)
+    metrics = {**metrics, "val_loss": val_loss, "train_loss": train_loss}
+    log.info("epoch %d: train loss %.4f, val loss %.4f, val lesion Dice %.4f IoU %.4f, accuracy %.3f, lr %s, %.0fs",
+             epoch, train_loss, val_loss, metrics["dice"], metrics["iou"], metrics["accuracy"], row["lr"],
+             time.time() - t0)
+    improved = val_loss < run.best_loss
+    run.best_loss = min(run.best_loss, val_loss)
+    run.running = [0.0, 0]
+    if run.is_main:
+        save_epoch(run, epoch, row, metrics, improved)
     return metrics
+
+
+def log_row(run: RunState, epoch: int, train_loss: float, val_loss: float, metrics: dict, t0: float) -> dict:
+    """The epoch's row of log.csv (LOG_FIELDS, then the per-source figures of multi-source runs)."""
+    row = {"epoch": epoch, "train_loss": f"{train_loss:.6f}", "val_loss": f"{val_loss:.6f}",
+           "val_dice": f"{metrics['dice']:.4f}", "val_iou": f"{metrics['iou']:.4f}",
+           "val_dice_all_b": f"{metrics['dice_all_b']:.4f}", "val_accuracy": f"{metrics['accuracy']:.4f}",
+           "lr": f"{run.opt.param_groups[0]['lr']:.3g}", "seconds": f"{time.time() - t0:.1f}",
+           "image_size": run.cfg["image_size"]}
+    source_names = {s.source for s in run.val.samples if s.source}
+    row.update({f"val_{k}": f"{v:.4f}" for k, v in metrics.items() if k.rsplit("_", 1)[-1] in source_names})
+    return row
+
+
+def save_epoch(run: RunState, epoch: int, row: dict, metrics: dict, improved: bool) -> None:
+    """Rank 0's files at the end of an epoch: best and last checkpoints, log.csv, loss graph, resume state."""
+    from model import save_checkpoint
+    cfg, out = run.cfg, run.out
+    run.rows.append(row)
+    meta = checkpoint_meta(cfg, run.split_path, epoch, metrics)
+    if improved:
+        save_checkpoint(out / "best.safetensors", run.model, meta)
+    save_checkpoint(out / "last.safetensors", run.model, meta)
+    write_log(out / "log.csv", run.rows)
+    plot_losses(run.rows, Path(cfg["loss_graph_dir"]) / f"{out.name}.png",
+                f"{out.name}: {cfg['encoder']} UNet, {cfg['image_size']}px")
+    save_state(run, epoch + 1, 0, run.running)  # last: a kill before this redoes the end of the epoch
+
+
+def save_state(run: RunState, epoch: int, samples: int, running_total: list[float]) -> None:
+    """Everything needed to continue exactly here: weights, optimizer, scheduler, position, RNG.
+    samples: training samples of this epoch already used (any batch size / world size can go on)."""
+    from model import save_resume_state
+    save_resume_state(run.out / "resume.pt", {  # one file, written atomically: weights, optimizer, position
+        "model": {k: v.detach().to("cpu") for k, v in run.model.state_dict().items()},
+        "optimizer": run.opt.state_dict(), "optimizer_class": type(run.opt).__name__,
+        "scheduler": run.sched.state_dict(), "epoch": epoch, "batch": samples // run.global_batch,
+        "samples": samples, "global_batch": run.global_batch, "world_size": run.world, "step": run.step,
+        "best_val_loss": run.best_loss, "running_loss": float(running_total[0]),
+        "running_count": int(running_total[1]), "torch_rng": torch.get_rng_state()})
 
 
 def _check_finite(model, out: Path, where: str) -> None:
@@ -748,7 +866,7 @@ def threading_main() -> bool:
 
 
 def _device(name: str, local_rank: int, distributed: bool) -> torch.device:
-    from predict import pick_device
+    from backends import pick_device
     dev = pick_device(name)
     if dev.type == "cuda" and distributed:
         if local_rank >= torch.cuda.device_count():

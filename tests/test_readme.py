@@ -19,3 +19,12 @@ def test_the_two_commands_exist():
     assert "make demo" in readme and "make test" in readme
     assert "\ndemo: install" in makefile and "\ntest: install" in makefile
     assert "make test" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+
+
+def test_help_of_every_script_prints(capsys):
+    import pytest
+    from cli import parse_settings
+    for script in ("train.py", "predict.py", "evaluate.py"):
+        with pytest.raises(SystemExit) as e:
+            parse_settings(ROOT / script, ["--help"])
+        assert e.value.code == 0 and "--threshold" in capsys.readouterr().out

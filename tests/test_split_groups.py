@@ -167,3 +167,12 @@ def test_busi_near_duplicates_grouped_and_the_shipped_split_does_not_leak():
     for a, b in KNOWN_PAIRS:
         assert side[a] == side[b]
     assert len(split["val"]) >= 140 and index  # about 20% of the images
+
+
+def test_groups_are_spread_over_the_parts_like_single_images():
+    samples = _samples(n_groups=40, per_group=2) + [
+        dataset.Sample(dataset.Path(f"s{i}.png"), (), dataset.CLASS_NAMES[i % 3], f"single/{i}") for i in range(90)]
+    groups = {s.key: s.key.split("/")[0] if s.key.startswith("g") else s.key for s in samples}
+    split = dataset.make_split(samples, 0.2, seed=2, groups=groups)
+    grouped_in_val = sum(k.startswith("g") for k in split["val"])
+    assert 0.1 * 80 <= grouped_in_val <= 0.3 * 80  # about 20% of the grouped images, not none
