@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from dicom_io import has_dicom_magic, is_dicom
+
 log = logging.getLogger("dataset")
 
 # ---- the shared facts (stored in every checkpoint) ----
@@ -32,7 +34,7 @@ NORM_MEAN = 0.5                                   # pixels scaled to [0,1], then
 NORM_STD = 0.5
 CLASS_NAMES = ("normal", "benign", "malignant")   # image-level labels
 LESION_CLASSES = ("benign", "malignant")          # one output channel per lesion class, in this order
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")  # DICOM: dicom_io.py
 # Decompression-bomb guard, set on purpose: the largest ultrasound frames are a few megapixels; a file that
 # decodes to more than this is refused instead of filling memory.
 MAX_IMAGE_PIXELS = 50_000_000
@@ -115,8 +117,15 @@ def _to_grey(img: Image.Image, path: Path) -> np.ndarray:
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """Read any image file as uint8 greyscale HxW (RGB with equal channels keeps its values exactly)."""
+    """Read any image file as uint8 greyscale HxW (RGB with equal channels keeps its values exactly). DICOM
+    (.dcm, or the DICOM preamble): its first frame, through dicom_io.py."""
     path = Path(path)
+    if is_dicom(path):
+        from dicom_io import DicomError, read_frame
+        try:
+            return read_frame(path, 0, max_pixels=MAX_IMAGE_PIXELS)
+        except DicomError as e:
+            raise DataError(str(e)) from None
     return _to_grey(_open(path), path)
 
 
@@ -204,7 +213,8 @@ _MASK_RE = re.compile(r"^(?P<stem>.+?)_mask(?:_(?P<n>\d+))?$", re.IGNORECASE)
 
 
 def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+    """An image file by its extension, or a DICOM file by its content (often named without an extension)."""
+    return p.is_file() and not p.name.startswith(".") and (p.suffix.lower() in IMAGE_EXTENSIONS or has_dicom_magic(p))
 
 
 def _check_label(label: str, where: str) -> str:
@@ -624,7 +634,8 @@ def _grouped_split(samples: list[Sample], val_fraction: float, seed: int, folds:
                    groups: dict[str, str]) -> dict:
     """make_split with groups: whole groups are dealt, largest first (seeded order among equal sizes), each to
     the part (validation or training; or the fold) that is furthest below its share of the group's classes,
-    so every class keeps close to its share and no group straddles two parts."""
+    relative to that share, so every class keeps close to its share in every part, groups of near-duplicates
+    are spread over all parts like single images, and no group straddles two parts."""
     if not folds and not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     rng = random.Random(seed)
@@ -640,8 +651,10 @@ def _grouped_split(samples: list[Sample], val_fraction: float, seed: int, folds:
     parts: list[list[str]] = [[] for _ in shares]
     for g in order:
         need = {c: sum(s.label == c for s in members[g]) for c in CLASS_NAMES}
-        deficit = [sum(n * (share * totals[c] - counts[p][c]) / max(1, totals[c]) for c, n in need.items())
-                   for p, share in enumerate(shares)]
+        # how far each part is below its share of these classes, relative to that share (so a small
+        # validation part and a large training part fill at the same pace)
+        deficit = [sum(n * (share * totals[c] - counts[p][c]) / max(1e-9, share * totals[c])
+                       for c, n in need.items()) for p, share in enumerate(shares)]
         p = max(range(len(shares)), key=lambda k: (deficit[k], -k))
         parts[p] += [s.key for s in members[g]]
         for c, n in need.items():

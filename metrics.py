@@ -14,6 +14,10 @@ Image level:
 Summaries:
   stats                       mean, population std, median and count of the defined values
   bootstrap_ci                percentile bootstrap interval, optionally resampling whole groups (patients)
+Agreement and uncertainty:
+  bland_altman                bias and 95% limits of agreement of a measurement against a reference
+  risk_coverage               mean quality of the images kept vs the share kept, most uncertain dropped first
+  youden_cutoff               the score cut-off that best separates positives (above) from negatives
 
 Undefined results are NaN, never an exception: an empty denominator, a class that is absent.
 evaluate.py (the command-line tool) and train.py's validation use these functions; nothing here reads files,
@@ -229,6 +233,60 @@ def nanmean(values) -> float:
     return float(a.mean()) if a.size else NAN
 
 
-__all__ = ["bootstrap_ci", "classification_summary", "complete_miss", "confusion", "dice_iou", "dice_iou_counts",
-           "expected_calibration_error", "hd95", "nanmean", "precision_recall", "roc_auc", "sens_spec", "stats",
-           "surface", "surface_distances"]
+# ---------------------------------------------------------------------------------------------------------
+# Agreement of measurements, uncertainty scores
+# ---------------------------------------------------------------------------------------------------------
+
+def bland_altman(measured, reference) -> dict:
+    """Bland-Altman agreement (Bland JM, Altman DG. Lancet 1986;i:307-310) of paired measurements: the
+    differences measured - reference, their mean (bias), sample standard deviation (ddof 1) and the 95% limits
+    of agreement bias -/+ 1.96 sd, with n and the mean of the reference. Pairs with a NaN are left out;
+    sd and limits are NaN for fewer than 2 pairs, everything for none."""
+    a, b = np.asarray(measured, dtype=float).ravel(), np.asarray(reference, dtype=float).ravel()
+    keep = ~(np.isnan(a) | np.isnan(b))
+    diff = a[keep] - b[keep]
+    n = int(diff.size)
+    bias = float(diff.mean()) if n else NAN
+    sd = float(diff.std(ddof=1)) if n >= 2 else NAN
+    return {"n": n, "bias": bias, "sd": sd, "lower": bias - 1.96 * sd, "upper": bias + 1.96 * sd,
+            "mean_reference": float(b[keep].mean()) if n else NAN}
+
+
+def risk_coverage(score, quality) -> tuple[np.ndarray, np.ndarray]:
+    """(coverage, mean quality of the kept): images are kept from the lowest score (most certain) up, so the
+    most uncertain are dropped first; one point per distinct score (tied images are kept or dropped together),
+    ending at coverage 1. Images with a NaN score or quality are left out."""
+    s, q = np.asarray(score, dtype=float).ravel(), np.asarray(quality, dtype=float).ravel()
+    keep = ~(np.isnan(s) | np.isnan(q))
+    s, q = s[keep], q[keep]
+    if s.size == 0:
+        return np.zeros(0), np.zeros(0)
+    order = np.argsort(s, kind="stable")
+    s, q = s[order], q[order]
+    ends = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]  # last index of each group of equal scores
+    kept = ends + 1
+    return kept / s.size, np.cumsum(q)[ends] / kept
+
+
+def youden_cutoff(score, positive) -> tuple[float, float, float]:
+    """(cut-off, sensitivity, specificity) of the rule 'positive when score > cut-off' with the largest Youden J
+    = sensitivity + specificity - 1; cut-offs halfway between distinct scores (ties: the lower cut-off). NaN
+    scores are left out; (NaN, NaN, NaN) when either class is absent."""
+    s, t = np.asarray(score, dtype=float).ravel(), np.asarray(positive, bool).ravel()
+    keep = ~np.isnan(s)
+    s, t = s[keep], t[keep]
+    if not t.any() or t.all():
+        return NAN, NAN, NAN
+    u = np.unique(s)
+    cuts = np.r_[u[0] - 1e-9, (u[:-1] + u[1:]) / 2] if u.size > 1 else u - 1e-9
+    best = (-2.0, NAN, NAN, NAN)
+    for c in cuts:
+        sens, spec = sens_spec(t, s > c)
+        if sens + spec - 1 > best[0] + 1e-12:
+            best = (sens + spec - 1, float(c), sens, spec)
+    return best[1], best[2], best[3]
+
+
+__all__ = ["bland_altman", "bootstrap_ci", "classification_summary", "complete_miss", "confusion", "dice_iou",
+           "dice_iou_counts", "expected_calibration_error", "hd95", "nanmean", "precision_recall", "risk_coverage",
+           "roc_auc", "sens_spec", "stats", "surface", "surface_distances", "youden_cutoff"]

@@ -6,6 +6,12 @@
 The metadata keeps everything train.py stored (settings, epoch, metrics) and points split_file at the copied
 split, so `python evaluate.py` on the shipped file finds its validation images. fp16 halves the file; the
 metrics must be measured again on the converted file (evaluate.py), which is what the README reports.
+
+A shipped file can be shipped onto itself to add a setting chosen on the validation split, e.g. the review cut-off
+of predict.py --uncertainty (printed by evaluate.py --uncertainty):
+
+    python ship_checkpoint.py --src checkpoints/busi_unet_resnet18.safetensors \
+        --out checkpoints/busi_unet_resnet18.safetensors --split checkpoints/busi_split.json --uncertainty_cutoff 0.12
 """
 from __future__ import annotations
 
@@ -18,21 +24,27 @@ from model import load_checkpoint, save_checkpoint
 
 
 def ship(src: str, out: str, split: str, half: bool = True, threshold: float | None = None,
-         min_area: float | None = None, normal_gate: float | None = None) -> dict:
+         min_area: float | None = None, normal_gate: float | None = None,
+         uncertainty_cutoff: float | None = None) -> dict:
     """Write src as the shipped file out (fp16 unless half=False), its split copied to split; threshold,
     min_area and normal_gate, if given (chosen together on the validation split with evaluate.py
-    --tune_threshold), replace the stored ones."""
+    --tune_threshold), replace the stored ones; uncertainty_cutoff (chosen on the validation split with
+    evaluate.py --uncertainty) is stored with the uncertainty method it belongs to."""
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must lie between 0 and 1, got {threshold}")
     if min_area is not None and not min_area >= 0:
         raise ValueError(f"min_area must be >= 0, got {min_area}")
     if normal_gate is not None and not 0.0 < normal_gate <= 1.0:
         raise ValueError(f"normal_gate must lie in (0, 1], got {normal_gate}")
+    if uncertainty_cutoff is not None and not 0.0 <= uncertainty_cutoff <= 1.0:
+        raise ValueError(f"uncertainty_cutoff must lie in [0, 1], got {uncertainty_cutoff}")
     model, meta = load_checkpoint(src)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     if Path(meta["split_file"]).resolve() != Path(split).resolve():
         shutil.copyfile(meta["split_file"], split)
-    meta = {**meta, "split_file": split, "shipped_from": str(src), "storage": "fp16" if half else "fp32"}
+    in_place = Path(src).resolve() == Path(out).resolve()  # e.g. only a cut-off added: keep where it came from
+    meta = {**meta, "split_file": split, "shipped_from": meta.get("shipped_from", str(src)) if in_place else str(src),
+            "storage": "fp16" if half else "fp32"}
     if threshold is not None:
         meta["threshold"] = float(threshold)
     if min_area is not None:
@@ -41,6 +53,9 @@ def ship(src: str, out: str, split: str, half: bool = True, threshold: float | N
         if not meta.get("head"):
             raise ValueError(f"{src}: normal_gate needs a model with a classification head")
         meta["normal_gate"] = float(normal_gate)
+    if uncertainty_cutoff is not None:
+        from uncertainty import METHOD
+        meta.update(uncertainty_cutoff=float(uncertainty_cutoff), uncertainty_method=METHOD)
     save_checkpoint(out, model, meta, half=half)
     return meta
 
@@ -57,8 +72,11 @@ if __name__ == "__main__":
                     help="smallest lesion component kept, pixels of the network input (evaluate.py --tune_threshold)")
     ap.add_argument("--normal_gate", type=float, default=None,
                     help="models with a head: clear the mask when P(normal) >= this (evaluate.py --tune_threshold)")
+    ap.add_argument("--uncertainty_cutoff", type=float, default=None,
+                    help="predict.py --uncertainty flags an image for review above this score "
+                         "(chosen on the validation split: evaluate.py --uncertainty)")
     a = ap.parse_args()
     m = ship(a.src, a.out, a.split, half=not a.fp32, threshold=a.threshold, min_area=a.min_area,
-             normal_gate=a.normal_gate)
+             normal_gate=a.normal_gate, uncertainty_cutoff=a.uncertainty_cutoff)
     print(json.dumps({k: m.get(k) for k in ("encoder", "image_size", "epoch", "split_file", "storage", "threshold",
-                                            "min_area", "normal_gate")}))
+                                            "min_area", "normal_gate", "uncertainty_cutoff")}))

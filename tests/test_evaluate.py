@@ -481,7 +481,7 @@ def test_evaluate_end_to_end_outputs(trained_run, phantom_tree, capsys):
     printed = capsys.readouterr().out
     assert "metric" in printed and "dice_a" in printed and "sensitivity" in printed
     rows = read_csv(out / "per_image.csv")
-    assert list(rows[0]) == ev.CSV_FIELDS
+    assert list(rows[0])[:len(ev.CSV_FIELDS)] == ev.CSV_FIELDS  # then the read-out's (test_evaluate_readout.py)
     split = json.loads((trained_run / "split.json").read_text())
     assert sorted(r["file"] for r in rows) == sorted(split["val"])
     for r in rows:
@@ -525,7 +525,7 @@ def test_manifest_with_patients_and_subgroups(trained_run, phantom_tree, tmp_pat
     args = ["--checkpoint", ck, "--manifest", str(manifest), "--device", "cpu", "--gallery", "0", "--bootstrap", "100"]
     assert ev.main([*args, "--subgroups", "doppler", "--out_dir", str(out)]) == 0
     rows = read_csv(out / "per_image.csv")
-    assert list(rows[0]) == [*ev.CSV_FIELDS, "doppler"] and len(rows) == 12
+    assert list(rows[0])[:len(ev.CSV_FIELDS) + 1] == [*ev.CSV_FIELDS, "doppler"] and len(rows) == 12
     assert sorted({r["patient"] for r in rows}) == sorted(f"{c}-{i}" for c in CLASS_NAMES for i in (1, 2))
     for r in rows:
         assert (r["complete_miss"] == "") == (r["true_label"] == "normal") == (r["false_positive"] != "")

@@ -334,3 +334,38 @@ def test_bootstrap_skips_undefined_resamples():
     lo, hi = m.bootstrap_ci(rows, lambda i: m.roc_auc(y[i], s[i]), n_boot=300, seed=0)
     assert 0.0 <= lo <= m.roc_auc(y, s) <= hi <= 1.0
     assert all(isnan(v) for v in m.bootstrap_ci(rows[:3:2], lambda i: m.roc_auc(y[i], s[i]), n_boot=20))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bland-Altman, risk-coverage, Youden cut-off
+# ---------------------------------------------------------------------------------------------------------
+
+def test_bland_altman_hand_computed():
+    ref = np.array([10.0, 20.0, 30.0, 40.0])
+    got = m.bland_altman(ref + np.array([1.0, 3.0, 1.0, 3.0]), ref)
+    assert got["n"] == 4 and got["bias"] == pytest.approx(2.0)
+    assert got["sd"] == pytest.approx(np.std([1, 3, 1, 3], ddof=1))
+    assert got["lower"] == pytest.approx(2.0 - 1.96 * got["sd"]) and got["upper"] == pytest.approx(2.0 + 1.96 * got["sd"])
+    assert got["mean_reference"] == pytest.approx(25.0)
+    partial = m.bland_altman([1.0, nan, 5.0], [0.0, 2.0, nan])  # pairs with a NaN are left out
+    assert partial["n"] == 1 and partial["bias"] == 1.0 and isnan(partial["sd"])
+    assert m.bland_altman([], [])["n"] == 0 and isnan(m.bland_altman([], [])["bias"])
+
+
+def test_risk_coverage_drops_the_most_uncertain_first():
+    score = [0.9, 0.1, 0.5, 0.5, nan]
+    quality = [0.0, 1.0, 0.6, 0.8, 0.3]
+    cov, q = m.risk_coverage(score, quality)
+    assert cov.tolist() == pytest.approx([0.25, 0.75, 1.0])  # the two tied scores are kept together
+    assert q.tolist() == pytest.approx([1.0, (1.0 + 0.6 + 0.8) / 3, 2.4 / 4])
+    assert m.risk_coverage([], [])[0].size == 0
+
+
+def test_youden_cutoff_separates_a_clean_split():
+    score = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.9])
+    positive = np.array([0, 0, 0, 1, 1, 1], bool)
+    cut, sens, spec = m.youden_cutoff(score, positive)
+    assert cut == pytest.approx(0.45) and sens == 1.0 and spec == 1.0
+    cut, sens, spec = m.youden_cutoff([0.1, 0.8, 0.3, 0.9], [0, 0, 1, 1])  # best: 0.2 (sens 1, spec 0.5)
+    assert (cut, sens, spec) == (pytest.approx(0.2), 1.0, 0.5)
+    assert all(isnan(v) for v in m.youden_cutoff([0.1, 0.2], [1, 1]))

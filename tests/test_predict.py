@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import csv
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,3 +102,153 @@ def test_predictions_csv_has_the_probability_columns(tiny_checkpoint, phantom_tr
                   "--out_dir", str(tmp_path)])
     row = _rows(tmp_path / "predictions.csv")[0]
     assert "malignancy_probability" in row and row["normal_probability"] == ""  # no head: not known
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The clinical read-out: measurements, pixel size, DICOM, uncertainty (fake predictors: deterministic)
+# ---------------------------------------------------------------------------------------------------------
+
+def fixed_predictor(lesion: bool = True):
+    """Always the same benign ellipse at the network's resolution, whatever the image (so every view of the
+    uncertainty disagrees a little with the reported mask)."""
+    from skimage.draw import ellipse
+
+    def predictor(images, batch_size, tta):
+        n, _, s, _ = np.asarray(images).shape
+        z = torch.full((n, 2, s, s), -6.0)
+        if lesion:
+            rr, cc = ellipse(s / 2, s / 2, s / 6, s / 3, shape=(s, s))
+            z[:, 0, rr, cc] = 6.0
+        return z
+    return predictor
+
+
+def following_predictor(images, batch_size, tta):
+    """The lesion is where the image is dark: follows every mirror and zoom exactly (no uncertainty)."""
+    x = torch.as_tensor(np.array(images)).float()
+    z = torch.where(x < 60, 6.0, -6.0)
+    return torch.cat([z, torch.full_like(z, -6.0)], 1)
+
+
+@pytest.fixture()
+def fake_model(monkeypatch, tiny_checkpoint):
+    """Replace the network by a predictor given to the returned function (the checkpoint's metadata stays)."""
+    from model import read_checkpoint_meta
+    meta = read_checkpoint_meta(tiny_checkpoint)
+
+    def use(predictor, **meta_changes):
+        monkeypatch.setattr(predict, "load_predictor", lambda *a, **k: (predictor, {**meta, **meta_changes}))
+    return use
+
+
+def dark_disc_png(path, shape=(90, 120), centre=(45, 60), radius=20):
+    img = np.full(shape, 180, np.uint8)
+    rr, cc = np.ogrid[:shape[0], :shape[1]]
+    img[(rr - centre[0]) ** 2 + (cc - centre[1]) ** 2 <= radius ** 2] = 20
+    Image.fromarray(img).save(path)
+    return path
+
+
+def test_readout_columns_json_and_overlay_with_a_pixel_size(fake_model, tmp_path):
+    fake_model(fixed_predictor())
+    src = dark_disc_png(tmp_path / "scan.png")
+    assert predict.main([str(src), "--out_dir", str(tmp_path / "o"), "--pixel_mm", "0.1"]) == 0
+    row = _rows(tmp_path / "o" / "predictions.csv")[0]
+    assert row["n_lesions"] == "1" and row["pixel_size_source"] == "pixel_mm setting" and row["pixel_mm_row"] == "0.1"
+    assert float(row["long_diameter_mm"]) == pytest.approx(float(row["long_diameter_px"]) * 0.1, abs=0.01)
+    assert float(row["long_diameter_px"]) == pytest.approx(2 * 120 / 3, rel=0.06)  # the ellipse at 120 px wide
+    assert row["shape"] == "oval" and row["orientation"] == "parallel" and row["margin"] == "circumscribed"
+    assert "not a diagnosis" in row["note"] and row["uncertainty"] == "" and row["review"] == ""
+    report = json.loads((tmp_path / "o" / row["lesions_json"]).read_text())
+    assert "not a diagnosis" in report["note"] and "BI-RADS Atlas, 5th edition" in report["terms"]
+    assert report["n_lesions"] == 1 and report["lesions"][0]["long_diameter"]["px"] == float(row["long_diameter_px"])
+    assert report["image"]["pixel_spacing"]["source"] == "pixel_mm setting"
+    ov = np.asarray(Image.open(tmp_path / "o" / row["overlay"]))
+    assert (ov == predict.DIAMETER_COLOURS[0]).all(-1).sum() > 20  # the long diameter is drawn
+
+
+def test_without_a_pixel_size_sizes_are_in_pixels_only(fake_model, tmp_path):
+    fake_model(fixed_predictor())
+    predict.main([str(dark_disc_png(tmp_path / "scan.png")), "--out_dir", str(tmp_path / "o")])
+    row = _rows(tmp_path / "o" / "predictions.csv")[0]
+    assert row["pixel_size_source"] == "unknown" and row["long_diameter_mm"] == "" and row["area_mm2"] == ""
+    assert float(row["long_diameter_px"]) > 0
+    assert "px (pixel size unknown)" in predict.lesion_line(
+        json.loads((tmp_path / "o" / row["lesions_json"]).read_text())["lesions"][0])
+
+
+def test_uncertainty_map_score_and_review_flag(fake_model, tmp_path):
+    src = dark_disc_png(tmp_path / "scan.png")
+    fake_model(fixed_predictor())
+    assert predict.main([str(src), "--out_dir", str(tmp_path / "a"), "--uncertainty", "--uncertainty_cutoff", "0.01"]) == 0
+    row = _rows(tmp_path / "a" / "predictions.csv")[0]
+    assert float(row["uncertainty"]) > 0.01 and row["review"] == "yes"
+    umap = Image.open(tmp_path / "a" / "scan_uncertainty.png")
+    assert umap.size == (120, 90) and umap.mode == "RGB"
+    fake_model(following_predictor)
+    predict.main([str(src), "--out_dir", str(tmp_path / "b"), "--uncertainty", "--uncertainty_cutoff", "0.05"])
+    row = _rows(tmp_path / "b" / "predictions.csv")[0]
+    assert float(row["uncertainty"]) < 0.05 and row["review"] == "no" and row["n_lesions"] == "1"
+    fake_model(fixed_predictor(), uncertainty_cutoff=0.01)  # stored in the checkpoint (ship_checkpoint.py)
+    predict.main([str(src), "--out_dir", str(tmp_path / "c"), "--uncertainty"])
+    assert _rows(tmp_path / "c" / "predictions.csv")[0]["review"] == "yes"
+    fake_model(following_predictor)  # no cut-off anywhere: the score without a flag
+    predict.main([str(src), "--out_dir", str(tmp_path / "d"), "--uncertainty"])
+    assert _rows(tmp_path / "d" / "predictions.csv")[0]["review"] == ""
+
+
+def test_review_cutoff_comes_from_the_setting_or_a_checkpoint_of_the_same_method():
+    from uncertainty import METHOD
+    cfg = {"uncertainty": True, "uncertainty_cutoff": -1.0, "checkpoint": "x"}
+    assert predict.review_cutoff(cfg, {"uncertainty_cutoff": 0.2}) == 0.2
+    assert predict.review_cutoff(cfg, {"uncertainty_cutoff": 0.2, "uncertainty_method": METHOD}) == 0.2
+    assert predict.review_cutoff(cfg, {"uncertainty_cutoff": 0.2, "uncertainty_method": "other"}) is None
+    assert predict.review_cutoff({**cfg, "uncertainty_cutoff": 0.3}, {"uncertainty_cutoff": 0.2}) == 0.3
+    assert predict.review_cutoff({**cfg, "uncertainty": False}, {"uncertainty_cutoff": 0.2}) is None
+
+
+def test_dicom_frames_regions_crop_and_no_header_leaks(fake_model, tmp_path):
+    from test_dicom_io import SECRET, region, write_dicom
+    fake_model(fixed_predictor())
+    frame = np.full((100, 140), 150, np.uint8)
+    frame[:, :20] = 255  # scanner UI left of the ultrasound region
+    folder = tmp_path / "exam"
+    folder.mkdir()
+    write_dicom(folder / "IM0001", np.stack([frame, frame]), regions=[region(20, 0, 139, 99, (0.005, 0.005))])
+    out = tmp_path / "o"
+    assert predict.main([str(folder), "--out_dir", str(out), "--dicom_crop"]) == 0
+    rows = _rows(out / "predictions.csv")
+    assert [r["frame"] for r in rows] == ["0", "1"] and [r["mask"] for r in rows] == \
+        ["IM0001_f000_mask.png", "IM0001_f001_mask.png"]
+    assert rows[0]["pixel_size_source"] == "dicom ultrasound region 1" and rows[0]["pixel_mm_row"] == "0.05"
+    mask = np.asarray(Image.open(out / rows[0]["mask"])) > 0
+    assert mask.shape == (100, 140) and not mask[:, :20].any() and mask.any()  # segmented inside the region only
+    cols = np.nonzero(mask.any(0))[0]
+    assert (cols.min() + cols.max()) / 2 == pytest.approx(20 + 120 / 2, abs=2)  # centred in the crop, not the frame
+    for name in SECRET.split():
+        for f in out.iterdir():
+            assert name.split("^")[0].encode() not in f.read_bytes(), f"{name} leaked into {f.name}"
+    assert predict.main([str(folder / "IM0001"), "--out_dir", str(tmp_path / "one"), "--frame", "1"]) == 0
+    assert [r["frame"] for r in _rows(tmp_path / "one" / "predictions.csv")] == ["1"]
+
+
+def test_a_bad_dicom_is_reported_and_the_others_are_processed(fake_model, tmp_path, caplog):
+    from test_dicom_io import write_dicom
+    fake_model(fixed_predictor())
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    dark_disc_png(folder / "a.png")
+    good = write_dicom(folder / "b.dcm", np.full((60, 80), 100, np.uint8))
+    (folder / "c.dcm").write_bytes(good.read_bytes()[:-1500])  # cut inside the pixel data
+    assert predict.main([str(folder), "--out_dir", str(tmp_path / "o")]) == 1
+    rows = {Path(r["file"]).name: r for r in _rows(tmp_path / "o" / "predictions.csv")}
+    assert rows["a.png"]["error"] == "" and rows["b.dcm"]["error"] == ""
+    assert "c.dcm" in rows["c.dcm"]["error"] and "truncated" in rows["c.dcm"]["error"]
+    assert "c.dcm" in caplog.text
+
+
+def test_bad_pixel_mm_setting_is_a_clear_error(fake_model, tmp_path, caplog):
+    fake_model(fixed_predictor())
+    assert predict.main([str(dark_disc_png(tmp_path / "s.png")), "--out_dir", str(tmp_path / "o"),
+                         "--pixel_mm", "fine"]) == 2
+    assert "pixel_mm: pixel size 'fine' is not a number" in caplog.text

@@ -40,3 +40,14 @@ def test_ship_stores_a_threshold_from_the_command_line(tiny_checkpoint, tmp_path
     assert meta["threshold"] == 0.35 and meta["storage"] == "fp32"
     with pytest.raises(ValueError, match="between 0 and 1"):
         ship(str(tiny_checkpoint), str(tmp_path / "bad.safetensors"), str(tmp_path / "split.json"), threshold=1.5)
+
+
+def test_ship_stores_the_uncertainty_cutoff_with_its_method(tiny_checkpoint, tmp_path):
+    from uncertainty import METHOD, stored_cutoff
+    ship(str(tiny_checkpoint), str(tmp_path / "u.safetensors"), str(tmp_path / "split.json"), uncertainty_cutoff=0.12)
+    _, meta = load_checkpoint(tmp_path / "u.safetensors")
+    assert meta["uncertainty_cutoff"] == 0.12 and meta["uncertainty_method"] == METHOD and stored_cutoff(meta) == 0.12
+    assert stored_cutoff({**meta, "uncertainty_method": "an older method"}) is None
+    with pytest.raises(ValueError, match="uncertainty_cutoff must lie in"):
+        ship(str(tiny_checkpoint), str(tmp_path / "bad.safetensors"), str(tmp_path / "split.json"),
+             uncertainty_cutoff=-0.1)
