@@ -1,11 +1,12 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   creates .venv, installs requirements, trains on synthetic phantoms, predicts, evaluates
 #   make test   creates .venv, installs requirements, runs the test suite (what CI runs)
+#   make app    creates .venv, installs requirements, serves the web page on http://127.0.0.1:8765/
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: install test demo clean-demo
+.PHONY: install test demo app clean-demo
 
 $(BIN)/.installed: requirements.txt requirements-dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +28,9 @@ demo: install
 	$(BIN)/python predict.py runs/demo/phantoms/malignant --checkpoint runs/demo/run/best.safetensors \
 		--out_dir runs/demo/predictions
 	$(BIN)/python evaluate.py --checkpoint runs/demo/run/best.safetensors --out_dir runs/demo/eval
+
+app: install
+	$(BIN)/python app.py
 
 clean-demo:
 	rm -rf runs/demo

@@ -64,3 +64,12 @@ def markdown_flags(source_file: str | Path) -> str:
         flag = f"--{name} / --no-{name}" if isinstance(default, bool) else f"--{name}"
         rows.append(f"| `{flag}` | `{default!r}` | {help_.replace('|', '/')} |")
     return "\n".join(rows)
+
+
+def settings_with(source_file: str | Path, **overrides) -> dict:
+    """A script's settings with their defaults, some replaced (for tests and notebooks); unknown names are an error."""
+    cfg = parse_settings(source_file, [])
+    unknown = set(overrides) - set(cfg)
+    if unknown:
+        raise KeyError(f"unknown settings {sorted(unknown)}")
+    return {**cfg, **overrides}

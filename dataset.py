@@ -554,7 +554,12 @@ def resolve_near_duplicates(samples: list[Sample], phashes: list[tuple]) -> tupl
     """Group near-duplicates; groups whose images carry different labels are dropped (one scan cannot be
     trained towards two answers), as exact copies with conflicting labels are. Returns (indices to keep,
     report with the groups by key)."""
-    comp = _components(len(samples), near_duplicate_pairs(phashes))
+    # images of one patient are a split group anyway, and a normal frame beside a lesion frame of the same
+    # sweep is no mislabelled copy: only pairs across patients (or without patient ids) are near-duplicates
+    pairs = [(i, j) for i, j in near_duplicate_pairs(phashes)
+             if not (samples[i].patient and (samples[i].source, samples[i].patient) ==
+                     (samples[j].source, samples[j].patient))]
+    comp = _components(len(samples), pairs)
     members: dict[int, list[int]] = {}
     for i, c in enumerate(comp):
         members.setdefault(c, []).append(i)

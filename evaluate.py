@@ -59,7 +59,19 @@ patients when the data has patient ids, else images. "subgroups": those figures 
 head) on these images (validation images only!), choosing the highest mean Dice (b) over all images (ties:
 threshold nearest 0.5, then the smaller min_area, then the higher gate), then evaluates at that setting.
 
-Written to out_dir: per_image.csv, summary.json, confusion_matrix.png, dice_per_class.png, reliability.png;
+Clinical read-out (evaluate_readout.py; summary "readout", columns pred_* / true_*, uncertainty, review):
+--measure (on by default) measures the largest predicted and reference lesion of every image (measure.py): the
+Bland-Altman agreement of the longest diameter (px, and mm where DICOM headers or --pixel_mm give the pixel size)
+and the benign-vs-malignant ROC-AUC of each numeric shape cue; --uncertainty scores every image as predict.py
+--uncertainty does and reports the risk-coverage curve, the Dice of flagged vs unflagged images and the review
+cut-off chosen on these images (run it on the validation split; ship_checkpoint.py --uncertainty_cutoff stores it).
+
+--box_prompt (summary "box_prompt"): what a box drawn around the lesion buys (the web page, predict.py --box):
+LiteMedSAM's masks for a box around each lesion of the reference mask (its bounding box, widened as MedSAM's own
+evaluation does), lesion Dice and IoU over the images with a lesion, per class and per image (box_prompt.py).
+
+Written to out_dir: per_image.csv, summary.json, confusion_matrix.png, dice_per_class.png, reliability.png,
+bland_altman.png, risk_coverage.png (--uncertainty);
 the best/worst gallery (it holds image pixels) goes to gallery_dir, by default a git-ignored folder
 (out_dir/gallery when out_dir is itself ignored or outside the repository, else private/eval_gallery/...).
 
@@ -84,7 +96,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataset import CLASS_NAMES, LESION_CLASSES, DataError, LoadedSet, save_json_atomic
+from dataset import CLASS_NAMES, LESION_CLASSES, DataError, LoadedSet, parse_sources, save_json_atomic
+from evaluate_readout import (add_measurements, add_uncertainty, format_readout, measurement_summary,
+                              readout_columns, uncertainty_summary, write_readout_plots)
 from metrics import (bootstrap_ci, classification_summary, complete_miss, confusion, dice_iou, dice_iou_counts,
                      expected_calibration_error, hd95, nanmean, precision_recall, roc_auc, sens_spec, stats)
 from predict import decide, min_area_at, split_output, to_original
@@ -98,6 +112,7 @@ path_to_images = ""          # or: a folder of images ...
 path_to_masks = ""           # ... and a folder of masks matched by file name
 manifest = ""                # or: a CSV with columns image,mask,label (optional: patient and any other column)
 default_label = ""           # label for two-folder data whose file names hold no class name
+sources = ""                 # or named sources as in train.py ("busi=data/BUSI;uclm=x.csv"): keys "name/...", so a multi-source split applies
 split_file = ""              # split JSON; empty: the one stored in the checkpoint (or beside it)
 split = "auto"               # val, train or all; auto: val for the checkpoint's own data (at any path) or with split_file, else all
 fold = -1                    # with a K-fold split file: the validation fold (-1: the checkpoint's)
@@ -111,6 +126,11 @@ tune_threshold = False       # sweep threshold, min_area (and normal_gate) on th
 subgroups = ""               # manifest columns for per-subgroup rows, comma-separated, e.g. doppler,marks
 bootstrap = 1000             # bootstrap resamples for the 95% intervals (by patient where the data has patient ids; 0: none)
 tta = False                  # average with the mirrored image
+measure = True               # lesion measurements: Bland-Altman of the longest diameter vs the reference mask's, AUC of each shape cue (benign vs malignant)
+pixel_mm = ""                # pixel size where the image gives none (DICOM headers are read): mm per pixel, or a CSV file,mm; empty: px only
+uncertainty = False          # TTA uncertainty score per image: risk-coverage curve, Dice of flagged vs unflagged, the review cut-off (choose it on validation images)
+uncertainty_cutoff = -1.0    # review flag above this score; < 0 uses the checkpoint's, else the one chosen on these images (Youden J for Dice < 0.5)
+box_prompt = False           # also LiteMedSAM's masks for a box around each reference lesion (box_prompt.py): lesion Dice/IoU, what a drawn box buys
 device = "auto"              # auto, cpu, cuda, mps
 batch_size = 8               # images per forward pass
 gather = ""                  # glob of summary.json files (one per fold) to combine into mean +/- std
@@ -803,7 +823,7 @@ def format_gather(result: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 def _own_data(cfg: dict) -> bool:
-    return bool(cfg["data_dir"] or cfg["path_to_images"] or cfg["manifest"])
+    return bool(cfg["data_dir"] or cfg["path_to_images"] or cfg["manifest"] or cfg.get("sources"))
 
 
 def effective_split(cfg: dict) -> str:
@@ -862,11 +882,12 @@ def load_eval_set(cfg: dict, meta: dict) -> tuple[LoadedSet, dict]:
     Returns (loaded set, description: split, split_file, fold). Images follow the split's order, as in
     train.py, so the validation numbers are computed on exactly the same batches.
     """
-    from dataset import discover, load_set, resolve_duplicates, select_fold
+    from dataset import discover_all, load_set, resolve_duplicates, select_fold
     tcfg = meta.get("train_config", {})
     src = cfg if _own_data(cfg) else tcfg
-    samples = discover(src.get("data_dir", ""), src.get("path_to_images", ""), src.get("path_to_masks", ""),
-                       src.get("manifest", ""), src.get("default_label", ""))
+    samples = discover_all(src.get("sources", ""), data_dir=src.get("data_dir", ""),
+                           path_to_images=src.get("path_to_images", ""), path_to_masks=src.get("path_to_masks", ""),
+                           manifest=src.get("manifest", ""), default_label=src.get("default_label", ""))
     which = effective_split(cfg)
     if which == "all" and cfg["split"] == "auto" and _holds_checkpoint_split(cfg, meta, samples):
         which = "val"
@@ -905,6 +926,8 @@ def default_out_dir(cfg: dict, split_: str) -> Path:
     parent = Path(cfg["checkpoint"]).parent
     if not _own_data(cfg):
         return parent / ("eval" if split_ == "val" else f"eval_{split_}")
+    if cfg.get("sources"):
+        return parent / f"eval_{'+'.join(n for n, _ in parse_sources(cfg['sources']))}_{split_}"
     data = Path(cfg["manifest"] or cfg["data_dir"] or cfg["path_to_images"])
     name = data.stem if cfg["manifest"] else data.resolve().name
     return parent / f"eval_{name or 'data'}_{split_}"
@@ -992,6 +1015,39 @@ def run_gather(cfg: dict) -> dict:
     return result
 
 
+def pixel_sizes(cfg: dict):
+    """The --pixel_mm setting as a function of the image file (dicom_io.pixel_mm_lookup), checked at once."""
+    from dicom_io import DicomError, pixel_mm_lookup
+    try:
+        return pixel_mm_lookup(cfg["pixel_mm"])
+    except DicomError as e:
+        raise DataError(str(e)) from None
+
+
+def review_cutoff_of(cfg: dict, meta: dict) -> tuple[float | None, str]:
+    """(the uncertainty cut-off in use, where it comes from): the setting, else the checkpoint's (stored for the
+    same uncertainty method), else (None, '') for the one chosen on the evaluated images."""
+    from uncertainty import stored_cutoff
+    if cfg["uncertainty_cutoff"] >= 0:
+        return float(cfg["uncertainty_cutoff"]), "setting"
+    stored = stored_cutoff(meta)
+    return stored, ("checkpoint" if stored is not None else "")
+
+
+def clinical_readout(cfg: dict, meta: dict, predictor, data: LoadedSet, rows: list[dict], setting: dict,
+                     masks: dict | None, size_of) -> dict:
+    """--measure and --uncertainty (evaluate_readout.py): adds their columns to rows, returns their summary."""
+    out: dict = {}
+    if cfg["measure"]:
+        add_measurements(rows, data, lambda key: unpack_mask(masks[key]), size_of)
+        out["measurements"] = measurement_summary(rows)
+    if cfg["uncertainty"]:
+        add_uncertainty(rows, _predicted_batches(predictor, data, cfg["batch_size"], cfg["tta"]), predictor, data,
+                        setting, lambda key: unpack_mask(masks[key]), cfg["batch_size"])
+        out["uncertainty"] = uncertainty_summary(rows, *review_cutoff_of(cfg, meta))
+    return out
+
+
 CONVENTIONS = {"a": "empty true mask: left out of the Dice/IoU mean, judged at image level (empty_masks)",
                "b": "empty true mask: empty prediction scores 1, non-empty prediction scores 0"}
 
@@ -1002,6 +1058,7 @@ def run(cfg: dict) -> dict:
         return run_gather(cfg)
     predictor, meta = load_predictor(cfg["checkpoint"], pick_device(cfg["device"]))
     setting = post_processing(cfg, meta)
+    size_of = pixel_sizes(cfg)
     data, info = load_eval_set(cfg, meta)
     if len(data) == 0:
         raise DataError("no images to evaluate")
@@ -1009,7 +1066,7 @@ def run(cfg: dict) -> dict:
     sweep = None
     if cfg["tune_threshold"]:
         sweep, setting = tune(cfg, predictor, data, info)
-    masks: dict | None = {} if cfg["gallery"] > 0 else None
+    masks: dict | None = {} if (cfg["gallery"] > 0 or cfg["measure"] or cfg["uncertainty"]) else None
     rows, summary = evaluate_set(predictor, data, setting["threshold"], cfg["batch_size"], cfg["tta"], masks=masks,
                                  min_area=setting["min_area"], normal_gate=setting["normal_gate"], subgroups=groups,
                                  n_boot=cfg["bootstrap"])
@@ -1017,11 +1074,19 @@ def run(cfg: dict) -> dict:
         summary["threshold_sweep"] = sweep
     summary.update(checkpoint=str(cfg["checkpoint"]), epoch=meta.get("epoch"), **setting, head=meta.get("head"),
                    tta=cfg["tta"], **info, conventions=CONVENTIONS)
+    summary["readout"] = clinical_readout(cfg, meta, predictor, data, rows, setting, masks, size_of)
+    if cfg["box_prompt"]:
+        from box_prompt import evaluate_boxes
+        summary["box_prompt"] = evaluate_boxes(data.samples, data.full_masks, str(pick_device(cfg["device"])))
     out = Path(cfg["out_dir"]) if cfg["out_dir"] else default_out_dir(cfg, info["split"])
-    written = write_outputs(out, rows, summary, groups)
-    print(format_table(summary))
+    written = write_outputs(out, rows, summary, (*groups, *readout_columns(rows)))
+    written += write_readout_plots(out, rows, summary["readout"])
+    print("\n".join([format_table(summary), *format_readout(summary["readout"])]))
+    if "box_prompt" in summary:
+        from box_prompt import format_boxes
+        print(format_boxes(summary["box_prompt"]))
     print(f"wrote {out}: {', '.join(written)}")
-    if masks is not None:
+    if cfg["gallery"] > 0:
         write_gallery(cfg, out, rows, data, masks)
     return summary
 

@@ -1,14 +1,24 @@
-"""Segment breast ultrasound images with a trained checkpoint.
+"""Segment breast ultrasound images with a trained checkpoint, and read out size, shape cues and uncertainty.
 
     python predict.py "scan 1.png"                       # one file
     python predict.py scans/ --tta                         # a folder (mask files *_mask*.png are skipped)
     python predict.py --path_to_image 'scans/*.png' --checkpoint runs/resnet18/best.safetensors
+    python predict.py exam.dcm --uncertainty --dicom_crop  # DICOM: sizes in mm from its header
+    python predict.py scans/ --pixel_mm 0.08               # PNG/JPEG with a known pixel size (or a CSV file,mm)
+    python predict.py "scan 1.png" --box 120,80,260,190    # the mask from LiteMedSAM for this box (box_prompt.py)
 
-For each image it writes, into out_dir: <name>_mask.png (binary lesion mask at the original resolution),
-<name>_overlay.png (lesion outline over the image, with label and confidence), and one row of
-predictions.csv (file, label, confidence, malignancy probability P(malignant | lesion), the head's probability
-that the image is normal (models with a classification head), lesion area in pixels and as a fraction, mean
-lesion probability). Threshold, minimum lesion area and the head's normal gate come from the checkpoint.
+Inputs: PNG, JPEG, BMP, TIFF and DICOM (.dcm, and files without an extension that start like DICOM); each
+frame of a multi-frame DICOM is an image of its own (or only `frame`). For each image it writes, into out_dir:
+<name>_mask.png (binary lesion mask at the original resolution), <name>_overlay.png (lesion outline over the
+image, label and confidence, the two diameters of each lesion and its size: in mm when the pixel size is known,
+in pixels otherwise), <name>_lesions.json (every lesion's measurements and shape cues, measure.py), with
+--uncertainty <name>_uncertainty.png (the per-pixel map, uncertainty.py), and one row of predictions.csv (file,
+label, confidence, malignancy probability P(malignant | lesion), the head's probability that the image is normal
+(models with a classification head), lesion area in pixels and as a fraction, mean lesion probability, the
+number of lesions and the measurements of the largest, the pixel size and its source, the uncertainty score and
+the review flag). The shape cues are descriptors computed from a predicted mask, not a diagnosis and not a
+BI-RADS category; every output says so.
+Threshold, minimum lesion area, the head's normal gate and the uncertainty cut-off come from the checkpoint.
 Image size, normalization, classes and threshold come from the checkpoint, never from flags that could
 disagree with training. A bad file is reported and skipped; the others are still written; the exit code
 is then 1.
@@ -19,21 +29,24 @@ import csv
 import glob
 import logging
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from dataset import (CLASS_NAMES, IMAGE_EXTENSIONS, LESION_CLASSES, DataError, _MASK_RE, load_image,
-                     normalize, resize_image)
+from backends import pick_device, predict_logits, split_output  # noqa: F401 - predict.py's public names
+from dataset import (CLASS_NAMES, IMAGE_EXTENSIONS, LESION_CLASSES, MAX_IMAGE_PIXELS, DataError, _MASK_RE,
+                     load_image, resize_image, save_json_atomic)
+from dicom_io import DicomError, Geometry, has_dicom_magic, is_dicom, pixel_mm_lookup
 
 log = logging.getLogger("predict")
 
 # ---- settings (edit here, or override on the command line: --threshold 0.4)
-path_to_image = "samples"                                   # image file, folder or glob; several joined by ";" (default: the phantom samples)
+path_to_image = "samples"                                   # image file, folder or glob; several joined by ";" (default: six BUSI validation scans)
 checkpoint = "checkpoints/busi_unet_resnet18.safetensors"   # trained model (.safetensors) to use
 out_dir = "sample_predictions"                              # where masks, overlays and predictions.csv go
 threshold = -1.0                                            # lesion probability threshold; < 0 uses the checkpoint's
@@ -41,46 +54,15 @@ tta = False                                                 # also predict the m
 device = "auto"                                             # auto (cuda, then mps, then cpu), cpu, cuda, mps
 batch_size = 8                                              # images per forward pass
 backend = "torch"                                           # torch, or onnx (ONNX Runtime on the CPU; <checkpoint>.onnx is exported beside it if missing or stale)
+pixel_mm = ""                                               # pixel size where the file gives none (PNG/JPEG; DICOM without one): mm per pixel, or a CSV file,mm; empty: unknown (sizes in pixels)
+frame = -1                                                  # multi-frame DICOM: -1 each frame, else only this frame (0-based)
+dicom_crop = False                                          # DICOM: segment only inside its ultrasound regions (scanner UI left out); the mask is put back into the full frame
+uncertainty = False                                         # test-time-augmentation uncertainty: per-pixel map (<name>_uncertainty.png), score per image, review flag
+uncertainty_cutoff = -1.0                                   # review when the uncertainty score is above this; < 0 uses the checkpoint's (none stored: no flag)
+box = ""                                                    # x0,y0,x1,y1 in pixels: the mask is LiteMedSAM's for this box (box_prompt.py), not the network's; label and malignancy stay the network's
 # ---- end of settings
 
 OUTLINE_COLOURS = {"benign": (60, 220, 60), "malignant": (240, 50, 50)}
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-@torch.inference_mode()
-def predict_logits(model: torch.nn.Module, images: np.ndarray | torch.Tensor, device: torch.device,
-                   batch_size: int = 8, tta: bool = False, channels_last: bool = True):
-    """Lesion logits at network resolution for uint8 images N x 1 x S x S: N x C x S x S (float32, on CPU);
-    for a model with a classification head, the tuple (lesion logits, image-label logits N x K).
-    With tta, the logits of the image and of its mirror image are averaged."""
-    if isinstance(images, np.ndarray) and not images.flags.writeable:
-        images = images.copy()  # arrays straight from PIL are read-only
-    images = torch.as_tensor(images)
-    segs, clss = [], []
-    for i in range(0, images.shape[0], batch_size):
-        x = normalize(images[i:i + batch_size].to(device, non_blocking=True).float())
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        z, c = split_output(model(x))
-        z = z.float()
-        if tta:
-            z2, c2 = split_output(model(x.flip(-1)))
-            z = (z + z2.float().flip(-1)) / 2
-            c = None if c is None else (c.float() + c2.float()) / 2
-        segs.append(z.cpu())
-        if c is not None:
-            clss.append(c.float().cpu())
-    seg = torch.cat(segs) if segs else torch.zeros(0)
-    return (seg, torch.cat(clss)) if clss else seg
 
 
 def to_original(probs: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
@@ -97,14 +79,6 @@ class Decision:
     mean_lesion_prob: float  # mean of max-channel probability inside the lesion (0 if none)
     malignancy: float = float("nan")  # P(malignant | lesion): from the head when there is one, else from the channels
     p_normal: float = float("nan")    # the head's probability that the image is normal (NaN without a head)
-
-
-def split_output(out) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A network's output as (lesion logits N x C x S x S, image-label logits N x K or None): models with a
-    classification head return both, models without one only the lesion logits."""
-    if isinstance(out, (tuple, list)):
-        return out[0], (out[1] if len(out) > 1 else None)
-    return out, None
 
 
 def remove_small(lesion: torch.Tensor, min_area: float) -> torch.Tensor:
@@ -167,8 +141,54 @@ def min_area_at(meta: dict, shape: tuple[int, int]) -> float:
     return float(meta.get("min_area", 0) or 0) * shape[0] * shape[1] / (size * size)
 
 
-def overlay(grey: np.ndarray, d: Decision) -> Image.Image:
-    """The image in grey with the lesion outline in the class colour and 'label confidence' written on it."""
+DIAMETER_COLOURS = ((255, 220, 0), (0, 200, 255))  # longest diameter, the one perpendicular to it
+SHORT_NOTE = "shape cues from the predicted mask: not a diagnosis, not a BI-RADS category"
+UMAP_FULL = 0.25  # uncertainty picture: a standard deviation of the lesion probability shown in full colour
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1
+        return ImageFont.load_default()
+
+
+def _text_lines(draw: ImageDraw.ImageDraw, xy: tuple[int, int], lines: list[tuple[str, tuple, int]]) -> None:
+    """(text, colour, font size) lines on a black box, from the corner xy downwards."""
+    x, y = xy
+    for text, colour, size in lines:
+        font = _font(size)
+        box = draw.textbbox((x + 4, y + 3), text, font=font)
+        draw.rectangle([x, y, box[2] + 4, box[3] + 3], fill=(0, 0, 0))
+        draw.text((x + 4, y + 3), text, fill=colour, font=font)
+        y = box[3] + 3
+
+
+def _draw_diameters(draw: ImageDraw.ImageDraw, lesions: list[dict], width: int, size: int) -> None:
+    """Each lesion's two diameters as caliper lines with end marks, and its number beside the first end."""
+    for lesion in lesions:
+        for key, colour in zip(("long_diameter", "perpendicular_diameter"), DIAMETER_COLOURS):
+            (r0, c0), (r1, c1) = lesion[key]["ends_row_col"]
+            draw.line([(c0, r0), (c1, r1)], fill=colour, width=width)
+            for r, c in ((r0, c0), (r1, c1)):
+                k = 2 * width + 2
+                draw.line([(c - k, r), (c + k, r)], fill=colour, width=width)
+                draw.line([(c, r - k), (c, r + k)], fill=colour, width=width)
+        if len(lesions) > 1:
+            r, c = lesion["long_diameter"]["ends_row_col"][0]
+            draw.text((c + 4, r + 4), str(lesion["lesion"]), fill=DIAMETER_COLOURS[0], font=_font(size))
+
+
+def lesion_line(lesion: dict) -> str:
+    """'#1 23.1 x 12.4 mm  oval, parallel, circumscribed' (pixels when the pixel size is unknown)."""
+    from measure import size_text
+    words = ", ".join(lesion[k]["term"] for k in ("shape", "orientation", "margin"))
+    return f"#{lesion['lesion']} {size_text(lesion)}  {words}"
+
+
+def overlay(grey: np.ndarray, d: Decision, lesions: list[dict] | None = None, extra: str = "") -> Image.Image:
+    """The image in grey with the lesion outline in the class colour and 'label confidence' (+ extra) written on
+    it; with lesions (measure.measure_lesions), their diameters drawn and their sizes and shape cues listed."""
     from skimage.segmentation import find_boundaries
     rgb = np.repeat(grey[..., None], 3, axis=2).copy()
     edge = find_boundaries(d.lesion, mode="thick")
@@ -177,14 +197,34 @@ def overlay(grey: np.ndarray, d: Decision) -> Image.Image:
         rgb[edge] = OUTLINE_COLOURS.get(d.label, (255, 255, 0))
     img = Image.fromarray(rgb)
     draw = ImageDraw.Draw(img)
-    size = max(12, grey.shape[0] // 22)
-    try:
-        font = ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        font = ImageFont.load_default()
-    text = f"{d.label} {d.confidence:.2f}"
-    draw.rectangle([0, 0, int(size * 0.62 * len(text)) + 8, size + 8], fill=(0, 0, 0))
-    draw.text((4, 3), text, fill=OUTLINE_COLOURS.get(d.label, (255, 255, 255)), font=font)
+    h, w = grey.shape
+    size = max(12, min(h // 22, w // 24))
+    small = max(10, int(size * 0.72))
+    lines = [(f"{d.label} {d.confidence:.2f}{extra}", OUTLINE_COLOURS.get(d.label, (255, 255, 255)), size)]
+    if lesions:
+        _draw_diameters(draw, lesions, max(2, min(h, w) // 250), small)
+        lines += [(lesion_line(x), (255, 255, 255), small) for x in lesions[:3]]
+        if len(lesions) > 3:
+            lines.append((f"(+{len(lesions) - 3} more lesions in the JSON)", (255, 255, 255), small))
+        _text_lines(draw, (0, h - small - 8), [(SHORT_NOTE, (200, 200, 200), max(9, int(small * 0.8)))])
+    _text_lines(draw, (0, 0), lines)
+    return img
+
+
+def uncertainty_image(grey: np.ndarray, umap: np.ndarray) -> Image.Image:
+    """The per-pixel uncertainty (standard deviation of the lesion probability, 0..0.5) in the inferno colours
+    over the grey image, full colour from UMAP_FULL up; certain pixels stay grey. A legend names the scale."""
+    from matplotlib import colormaps
+
+    from uncertainty import VIEWS
+    u = np.clip(np.asarray(umap, float) / UMAP_FULL, 0, 1)
+    colour = colormaps["inferno"](0.25 + 0.75 * u)[..., :3] * 255
+    alpha = np.clip(u * 2, 0, 0.85)[..., None]
+    rgb = grey[..., None].astype(float) * (1 - alpha) + colour * alpha
+    img = Image.fromarray(np.round(rgb).astype(np.uint8))
+    size = max(10, min(grey.shape[0] // 30, grey.shape[1] // 34))
+    legend = f"uncertainty: std of the lesion probability over {len(VIEWS) + 1} views (full colour >= {UMAP_FULL})"
+    _text_lines(ImageDraw.Draw(img), (0, 0), [(legend, (255, 200, 80), size)])
     return img
 
 
@@ -201,26 +241,55 @@ def load_predictor(checkpoint_path: str, device: torch.device, backend_name: str
     return (lambda imgs, bs, tta_: predict_logits(model, imgs, device, bs, tta_)), meta
 
 
+def _network_probs(predictor, meta: dict, grey: np.ndarray, tta_: bool):
+    """(lesion probabilities C x S x S at the network's size, image-label probabilities or None) of one image."""
+    seg, cls = split_output(predictor(resize_image(grey, int(meta["image_size"]))[None, None], 1, tta_))
+    return torch.sigmoid(seg[0].float()), (None if cls is None else torch.softmax(cls[0].float(), 0))
+
+
+def _decide_at(meta: dict, shape: tuple[int, int], probs: torch.Tensor, cls_probs, threshold_: float,
+               normal_gate_: float) -> Decision:
+    """decide() on network-size probabilities resized to an image of this shape (its minimum area scaled)."""
+    return decide(to_original(probs, shape), threshold_, min_area_at(meta, shape), cls_probs, normal_gate_)
+
+
 def predict_img(predictor, meta: dict, grey: np.ndarray, threshold_: float, tta_: bool = False,
                 normal_gate_: float | None = None) -> Decision:
     """Predict one uint8 greyscale image at its original resolution (minimum lesion area from the checkpoint;
     normal_gate None: the checkpoint's)."""
     if normal_gate_ is None:
         normal_gate_ = float(meta.get("normal_gate", 1.0))
-    size = int(meta["image_size"])
-    seg, cls = split_output(predictor(resize_image(grey, size)[None, None], 1, tta_))
-    cls_probs = None if cls is None else torch.softmax(cls[0].float(), 0)
-    return decide(to_original(torch.sigmoid(seg[0]), grey.shape), threshold_, min_area_at(meta, grey.shape),
-                  cls_probs, normal_gate_)
+    probs, cls_probs = _network_probs(predictor, meta, grey, tta_)
+    return _decide_at(meta, grey.shape, probs, cls_probs, threshold_, normal_gate_)
+
+
+def predict_uncertain(predictor, meta: dict, grey: np.ndarray, threshold_: float, tta_: bool = False,
+                      normal_gate_: float | None = None, batch_size_: int = 8) -> tuple[Decision, float, np.ndarray]:
+    """predict_img, plus the test-time-augmentation uncertainty (uncertainty.py): (decision, score, per-pixel
+    map H x W). The decision is the same as predict_img's."""
+    from uncertainty import image_score, pixel_map, view_predictions
+    if normal_gate_ is None:
+        normal_gate_ = float(meta.get("normal_gate", 1.0))
+    probs, cls_probs = _network_probs(predictor, meta, grey, tta_)
+    d = _decide_at(meta, grey.shape, probs, cls_probs, threshold_, normal_gate_)
+    views = view_predictions(predictor, resize_image(grey, int(meta["image_size"]))[None, None], probs[None],
+                             batch_size_)
+    views = [(p[0], None if c is None else c[0]) for p, c in views]
+    score = image_score(d.lesion, views,
+                        lambda p, c: _decide_at(meta, grey.shape, p, c, threshold_, normal_gate_).lesion)
+    umap = to_original(pixel_map(probs, [p for p, _ in views])[None], grey.shape)[0]
+    return d, score, umap.numpy()
 
 
 def expand_inputs(spec: str) -> list[Path]:
-    """'a.png;folder;*.jpg' -> image files. Mask files (*_mask*.png) inside folders are skipped."""
+    """'a.png;folder;*.jpg' -> image files. Mask files (*_mask*.png) inside folders are skipped; DICOM files
+    in folders are found by their content (the 'DICM' preamble), with or without an extension."""
     files: list[Path] = []
     for item in [s for s in spec.split(";") if s.strip()]:
         p = Path(item)
-        if p.is_dir():
-            files += sorted(q for q in p.iterdir() if q.is_file() and q.suffix.lower() in IMAGE_EXTENSIONS
+        if p.is_dir():  # images by extension, and DICOM files whatever their name (often none, or a UID)
+            files += sorted(q for q in p.iterdir() if q.is_file() and not q.name.startswith(".")
+                            and (q.suffix.lower() in IMAGE_EXTENSIONS or has_dicom_magic(q))
                             and not _MASK_RE.match(q.stem))
         elif any(ch in item for ch in "*?["):
             matched = sorted(Path(m) for m in glob.glob(item, recursive=True))
@@ -232,27 +301,227 @@ def expand_inputs(spec: str) -> list[Path]:
     return files
 
 
-def _unique_stem(path: Path, used: set[str]) -> str:
-    stem, n = path.stem, 1
+def _unique_stem(path: Path, used: set[str], suffix: str = "") -> str:
+    base = path.stem + suffix
+    stem, n = base, 1
     while stem in used:
         n += 1
-        stem = f"{path.stem}_{n}"
+        stem = f"{base}_{n}"
     used.add(stem)
     return stem
 
 
-CSV_FIELDS = ["file", "label", "confidence", "malignancy_probability", "normal_probability", "lesion_area_px",
-              "lesion_area_fraction", "mean_lesion_probability", "width", "height", "mask", "overlay", "error"]
+# The measurements of the largest lesion in predictions.csv: column -> (group, key) in measure.py's lesion dict.
+LESION_COLUMNS = {"long_diameter_px": ("long_diameter", "px"),
+                  "perpendicular_diameter_px": ("perpendicular_diameter", "px"),
+                  "long_diameter_mm": ("long_diameter", "mm"),
+                  "perpendicular_diameter_mm": ("perpendicular_diameter", "mm"),
+                  "area_mm2": ("area", "mm2"), "orientation": ("orientation", "term"),
+                  "height_width_ratio": ("orientation", "height_width_ratio"), "shape": ("shape", "term"),
+                  "axis_ratio": ("shape", "axis_ratio"), "ellipse_iou": ("shape", "ellipse_iou"),
+                  "solidity": ("shape", "solidity"), "margin": ("margin", "term"),
+                  "convexity": ("margin", "convexity"), "concavity_depth": ("margin", "concavity_depth")}
+CSV_FIELDS = ["file", "frame", "label", "confidence", "malignancy_probability", "normal_probability", "lesion_area_px",
+              "lesion_area_fraction", "mean_lesion_probability", "width", "height", "n_lesions", *LESION_COLUMNS,
+              "pixel_mm_row", "pixel_mm_col", "pixel_size_source", "uncertainty", "review", "mask", "overlay",
+              "lesions_json", "note", "error"]
 
 
 def _fmt(v: float) -> str:
     return "" if v != v else f"{v:.4f}"  # NaN (not known without a head) -> empty cell
 
 
+@dataclass
+class Frame:
+    """One image to segment: a file, or one frame of a multi-frame DICOM."""
+    path: Path
+    index: int | None   # the frame of a multi-frame DICOM; None for a single image
+    grey: np.ndarray    # uint8 H x W, the full frame
+    geometry: Geometry  # size, ultrasound regions, pixel size (dicom_io)
+    box: tuple[int, int, int, int] | None = None  # dicom_crop: (row0, row1, col0, col1) segmented
+
+
+@dataclass
+class Readout:
+    """What predict.py reports for one frame."""
+    decision: Decision
+    lesions: list[dict]          # measure.measure_lesions, the largest first
+    uncertainty: float = float("nan")
+    umap: np.ndarray | None = None
+    review: bool | None = None   # None: no uncertainty, or no cut-off
+    box: tuple | None = None     # (x0, y0, x1, y1) whose box-prompted mask replaced the network's (box_readout)
+
+
+def read_inputs(path: Path, cfg: dict, size_of) -> Iterator[Frame]:
+    """The frames of one input file (DICOM: each frame, or cfg['frame']); size_of(path): the pixel_mm setting."""
+    if not is_dicom(path):
+        grey = load_image(path)
+        yield Frame(path, None, grey, Geometry(*grey.shape, pixel_spacing=size_of(path)))
+        return
+    from dicom_io import read_frames
+    geometry, frames = read_frames(path, cfg["frame"], max_pixels=MAX_IMAGE_PIXELS)
+    geometry = geometry.with_fallback(size_of(path))
+    box = geometry.tissue_box() if cfg["dicom_crop"] else None
+    if cfg["dicom_crop"] and box is None:
+        log.info("%s: no 2D ultrasound region in the header: the whole frame is segmented", path)
+    for i, grey in frames:
+        yield Frame(path, i if geometry.n_frames > 1 else None, grey, geometry, box)
+
+
+def read_out(fr: Frame, predictor, meta: dict, thr: float, cfg: dict, cutoff: float | None) -> Readout:
+    """Segment a frame (inside its crop box), put the mask back into the full frame, measure every lesion."""
+    from dicom_io import crop, uncrop
+    from measure import measure_lesions
+    part = crop(fr.grey, fr.box)
+    score, umap = float("nan"), None
+    if cfg["uncertainty"]:
+        d, score, umap = predict_uncertain(predictor, meta, part, thr, cfg["tta"], batch_size_=cfg["batch_size"])
+    else:
+        d = predict_img(predictor, meta, part, thr, cfg["tta"])
+    if fr.box is not None:
+        full = fr.grey.shape
+        d = replace(d, lesion=uncrop(d.lesion, fr.box, full), class_masks=uncrop(d.class_masks, fr.box, full))
+        umap = None if umap is None else uncrop(umap, fr.box, full)
+    review = None if cutoff is None or score != score else bool(score > cutoff)
+    ro = Readout(d, measure_lesions(d.lesion, fr.geometry.pixel_size_at), score, umap, review)
+    if cfg.get("box"):
+        from box_prompt import clip_box, parse_box, shared_prompter
+        b = clip_box(parse_box(cfg["box"]), fr.grey.shape)
+        prompter = shared_prompter(str(pick_device(cfg.get("device", "auto"))))
+        ro = box_readout(fr, ro, prompter.probabilities(prompter.embed(fr.grey), b), b)
+    return ro
+
+
+def mask_source(ro: Readout) -> str:
+    """'network', or the box whose LiteMedSAM mask is reported (CSV note, lesions JSON, the page)."""
+    return "network" if ro.box is None else f"LiteMedSAM box prompt x0,y0,x1,y1 = {','.join(f'{v:g}' for v in ro.box)}"
+
+
+def box_readout(fr: Frame, ro: Readout, probs: np.ndarray, box: tuple) -> Readout:
+    """ro with the lesion mask replaced by a box-prompted one (probs: LiteMedSAM's probability H x W for the
+    box, box_prompt.py), measured anew. The label, confidence and malignancy stay the network's for the whole
+    image; the uncertainty (of the network's mask) is dropped; mean_lesion_prob becomes LiteMedSAM's."""
+    from box_prompt import PROB_THRESHOLD
+    from measure import measure_lesions
+    probs = np.asarray(probs, np.float32)
+    lesion = probs > PROB_THRESHOLD
+    d = ro.decision
+    class_masks = np.zeros_like(d.class_masks)
+    if d.label in LESION_CLASSES:
+        class_masks[LESION_CLASSES.index(d.label)] = lesion
+    d = replace(d, lesion=lesion, class_masks=class_masks,
+                mean_lesion_prob=float(probs[lesion].mean()) if lesion.any() else 0.0)
+    return Readout(d, measure_lesions(lesion, fr.geometry.pixel_size_at), box=tuple(round(float(v), 1) for v in box))
+
+
+def _image_pixel_size(fr: Frame, lesions: list[dict]) -> dict | None:
+    """The pixel size reported for the image: the largest lesion's, else the one at the image's centre."""
+    if lesions:
+        return lesions[0]["pixel_size"]
+    size = fr.geometry.pixel_size_at(fr.grey.shape[0] / 2, fr.grey.shape[1] / 2)
+    return size.to_json() if size else None
+
+
+def _cell(v) -> str:
+    return "" if v is None else str(v)
+
+
+def csv_row(fr: Frame, ro: Readout, names: dict[str, str]) -> dict:
+    """The predictions.csv row of one frame."""
+    from measure import NOTE
+    d, area = ro.decision, int(ro.decision.lesion.sum())
+    size = _image_pixel_size(fr, ro.lesions)
+    largest = ro.lesions[0] if ro.lesions else None
+    return {"file": str(fr.path), "frame": _cell(fr.index), "label": d.label, "confidence": f"{d.confidence:.4f}",
+            "malignancy_probability": _fmt(d.malignancy), "normal_probability": _fmt(d.p_normal),
+            "lesion_area_px": area, "lesion_area_fraction": f"{area / d.lesion.size:.6f}",
+            "mean_lesion_probability": f"{d.mean_lesion_prob:.4f}", "width": fr.grey.shape[1],
+            "height": fr.grey.shape[0], "n_lesions": len(ro.lesions),
+            **{c: _cell(largest[g][k] if largest else None) for c, (g, k) in LESION_COLUMNS.items()},
+            "pixel_mm_row": _cell(size and size["row_mm"]), "pixel_mm_col": _cell(size and size["col_mm"]),
+            "pixel_size_source": size["source"] if size else "unknown", "uncertainty": _fmt(ro.uncertainty),
+            "review": "" if ro.review is None else ("yes" if ro.review else "no"), **names,
+            "note": NOTE if ro.box is None else f"{NOTE}; mask: {mask_source(ro)}", "error": ""}
+
+
+def lesion_report(fr: Frame, ro: Readout, cutoff: float | None, names: dict[str, str]) -> dict:
+    """The <name>_lesions.json of one frame: geometry only from the header, every lesion's measurements."""
+    from measure import NOTE, REFERENCE
+    from uncertainty import METHOD
+    d = ro.decision
+    unc = None if ro.uncertainty != ro.uncertainty else {"score": round(ro.uncertainty, 4), "cutoff": cutoff,
+                                                          "review": ro.review, "method": METHOD}
+    return {"note": NOTE, "terms": REFERENCE, "file": str(fr.path), "frame": fr.index, "label": d.label,
+            "confidence": round(d.confidence, 4), "malignancy_probability": None if d.malignancy != d.malignancy
+            else round(d.malignancy, 4), "image": fr.geometry.to_json(), "segmented_box_row0_row1_col0_col1": fr.box,
+            "uncertainty": unc, "outputs": names, "mask_source": mask_source(ro), "n_lesions": len(ro.lesions),
+            "lesions": ro.lesions}
+
+
+def write_readout(fr: Frame, ro: Readout, out: Path, stem: str, cutoff: float | None) -> dict:
+    """Mask, overlay, uncertainty picture and JSON of one frame into out; returns its CSV row."""
+    names = {"mask": f"{stem}_mask.png", "overlay": f"{stem}_overlay.png", "lesions_json": f"{stem}_lesions.json"}
+    Image.fromarray(ro.decision.lesion.astype(np.uint8) * 255).save(out / names["mask"])
+    extra = "  mask: box prompt" if ro.box is not None else ""
+    if ro.uncertainty == ro.uncertainty:
+        extra = f"  uncertainty {ro.uncertainty:.2f}" + {True: " REVIEW", False: "", None: ""}[ro.review]
+    overlay(fr.grey, ro.decision, ro.lesions, extra).save(out / names["overlay"])
+    if ro.umap is not None:
+        uncertainty_image(fr.grey, ro.umap).save(out / f"{stem}_uncertainty.png")
+    save_json_atomic(out / names["lesions_json"], lesion_report(fr, ro, cutoff, names))
+    return csv_row(fr, ro, names)
+
+
+def review_cutoff(cfg: dict, meta: dict) -> float | None:
+    """The uncertainty cut-off for the review flag: the setting, else the checkpoint's (stored by
+    ship_checkpoint.py --uncertainty_cutoff for the same uncertainty method), else None (no flag)."""
+    from uncertainty import stored_cutoff
+    if not cfg["uncertainty"]:
+        return None
+    if cfg["uncertainty_cutoff"] >= 0:
+        return float(cfg["uncertainty_cutoff"])
+    stored = stored_cutoff(meta)
+    if stored is None:
+        log.warning("no uncertainty cut-off for this method in %s: the review column stays empty (choose one with "
+                    "evaluate.py --uncertainty on validation images; store it with ship_checkpoint.py "
+                    "--uncertainty_cutoff, or give --uncertainty_cutoff)", cfg["checkpoint"])
+    return stored
+
+
+@dataclass
+class _Job:
+    cfg: dict
+    predictor: object
+    meta: dict
+    threshold: float
+    cutoff: float | None
+    size_of: object
+    out: Path
+
+
+def predict_file(job: _Job, path: Path, writer: csv.DictWriter, used: set[str]) -> int:
+    """Every frame of one input into out and the CSV; a bad file is an error row. Returns 1 if it failed."""
+    from measure import size_text
+    try:
+        for fr in read_inputs(path, job.cfg, job.size_of):
+            ro = read_out(fr, job.predictor, job.meta, job.threshold, job.cfg, job.cutoff)
+            stem = _unique_stem(path, used, "" if fr.index is None else f"_f{fr.index:03d}")
+            writer.writerow(write_readout(fr, ro, job.out, stem, job.cutoff))
+            log.info("%s%s: %s (%.2f), %d lesion(s)%s", path, "" if fr.index is None else f" frame {fr.index}",
+                     ro.decision.label, ro.decision.confidence, len(ro.lesions),
+                     f", largest {size_text(ro.lesions[0])}" if ro.lesions else "")
+        return 0
+    except (DataError, DicomError) as e:
+        log.error("%s", e)
+        writer.writerow({"file": str(path), "label": "", "error": str(e)})
+        return 1
+
+
 def run(cfg: dict) -> int:
     """Predict every input; returns the number of files that failed."""
     if not cfg["path_to_image"]:
         raise SystemExit("predict.py: give an image, a folder or a glob (positional, or --path_to_image)")
+    size_of = pixel_mm_lookup(cfg["pixel_mm"])
     dev = pick_device(cfg["device"])
     predictor, meta = load_predictor(cfg["checkpoint"], dev, cfg["backend"])
     thr = cfg["threshold"] if cfg["threshold"] >= 0 else float(meta.get("threshold", 0.5))
@@ -261,6 +530,7 @@ def run(cfg: dict) -> int:
         raise SystemExit(f"predict.py: no images found in {cfg['path_to_image']}")
     out = Path(cfg["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
+    job = _Job(cfg, predictor, meta, thr, review_cutoff(cfg, meta), size_of, out)
     csv_path = out / "predictions.csv"
     failures, used = 0, set()
     from tqdm import tqdm
@@ -268,27 +538,9 @@ def run(cfg: dict) -> int:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for path in tqdm(files, desc="predicting", unit="img", disable=len(files) < 2):
-            try:
-                grey = load_image(path)
-                d = predict_img(predictor, meta, grey, thr, cfg["tta"])
-                stem = _unique_stem(path, used)
-                mask_path, overlay_path = out / f"{stem}_mask.png", out / f"{stem}_overlay.png"
-                Image.fromarray(d.lesion.astype(np.uint8) * 255).save(mask_path)
-                overlay(grey, d).save(overlay_path)
-                area = int(d.lesion.sum())
-                writer.writerow({"file": str(path), "label": d.label, "confidence": f"{d.confidence:.4f}",
-                                 "malignancy_probability": _fmt(d.malignancy), "normal_probability": _fmt(d.p_normal),
-                                 "lesion_area_px": area, "lesion_area_fraction": f"{area / d.lesion.size:.6f}",
-                                 "mean_lesion_probability": f"{d.mean_lesion_prob:.4f}", "width": grey.shape[1],
-                                 "height": grey.shape[0], "mask": mask_path.name, "overlay": overlay_path.name,
-                                 "error": ""})
-                log.info("%s: %s (%.2f), lesion %d px", path, d.label, d.confidence, area)
-            except DataError as e:
-                failures += 1
-                log.error("%s", e)
-                writer.writerow({"file": str(path), "label": "", "error": str(e)})
+            failures += predict_file(job, path, writer, used)
             f.flush()
-    log.info("wrote %s (%d image(s), %d failed)", csv_path, len(files), failures)
+    log.info("wrote %s (%d file(s), %d failed)", csv_path, len(files), failures)
     return failures
 
 
@@ -298,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse(argv)
     try:
         failures = run(cfg)
-    except (DataError, CheckpointError) as e:
+    except (DataError, DicomError, CheckpointError) as e:
         log.error("%s", e)
         return 2
     return 1 if failures else 0

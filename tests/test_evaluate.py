@@ -795,3 +795,26 @@ def test_real_busi_images(trained_run, tmp_path, capsys):
     assert_png(out / "gallery" / "best_worst.png")
     assert ev.is_git_ignored_location(out / "gallery")
     assert "lesion Dice" in capsys.readouterr().out
+
+
+def test_evaluate_a_multi_source_split_on_one_source(tmp_path, phantom_tree):
+    """--sources gives the keys a multi-source split names; evaluating one source scores its share of the
+    validation images only."""
+    import train
+    from cli import parse_settings
+    from phantom import write_busi_tree
+    other = write_busi_tree(tmp_path / "site2", per_class=4, height=80, width=100, seed=11)
+    spec = f"a={phantom_tree};b={other}"
+    cfg = train.default_settings(sources=spec, out_dir=str(tmp_path / "run"), loss_graph_dir=str(tmp_path / "lg"),
+                                 epochs=1, image_size=64, expand=1, batch_size=4, progress=False)
+    train.train_model(cfg)
+    split = json.loads((tmp_path / "run" / "split.json").read_text())
+    ecfg = parse_settings(ev.__file__, ["--checkpoint", str(tmp_path / "run" / "best.safetensors"),
+                                             "--sources", f"b={other}", "--split_file",
+                                             str(tmp_path / "run" / "split.json"), "--split", "val",
+                                             "--out_dir", str(tmp_path / "ev"), "--gallery", "0", "--bootstrap", "0"])
+    summary = ev.run(ecfg)
+    with open(tmp_path / "ev" / "per_image.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["file"] for r in rows) == sorted(k for k in split["val"] if k.startswith("b/"))
+    assert summary["all"]["n_images"] == len(rows)

@@ -8,7 +8,7 @@ from cli import markdown_flags, read_settings
 
 def test_every_setting_is_documented_with_its_current_default():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    for script in ("train.py", "predict.py", "evaluate.py"):
+    for script in ("train.py", "predict.py", "evaluate.py", "app.py"):
         assert markdown_flags(ROOT / script) in readme, f"README flag table of {script} is out of date"
         assert read_settings(ROOT / script)
 
@@ -18,6 +18,7 @@ def test_the_two_commands_exist():
     makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
     assert "make demo" in readme and "make test" in readme
     assert "\ndemo: install" in makefile and "\ntest: install" in makefile
+    assert "make app" in readme and "\napp: install" in makefile  # the web page
     assert "make test" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
 
 
@@ -28,3 +29,6 @@ def test_help_of_every_script_prints(capsys):
         with pytest.raises(SystemExit) as e:
             parse_settings(ROOT / script, ["--help"])
         assert e.value.code == 0 and "--threshold" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        parse_settings(ROOT / "app.py", ["--help"])
+    assert e.value.code == 0 and "--host" in capsys.readouterr().out

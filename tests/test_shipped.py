@@ -1,6 +1,6 @@
-"""The shipped checkpoints: each loads without pickle, carries the right metadata and still scores the
-README's lesion Dice on the stored BUSI validation split (real-data part skips without BUSI); the ResNet18 one
-is predict.py's default."""
+"""The shipped checkpoints: each loads without pickle, carries the right metadata, and still scores the
+README's figures on its BUSI validation images and on BUS-UCLM (real-data parts skip without ../shared);
+predict.py's default model reproduces the committed sample predictions."""
 from __future__ import annotations
 
 import csv
@@ -11,70 +11,108 @@ import torch
 
 from conftest import BUSI, ROOT, needs_busi
 
-SPLIT = ROOT / "checkpoints" / "busi_split.json"
-# file in checkpoints/ -> (encoder, folder of evaluate.py's summary of it on the validation split, committed
-# beside it; the README quotes that summary's lesion Dice)
-SHIPPED_MODELS = {
-    "busi_unet_resnet18.safetensors": ("resnet18", "eval"),
-    "busi_unet_efficientnet_lite0.safetensors": ("efficientnet-lite0", "eval_efficientnet_lite0"),
+UCLM = ROOT.parent / "shared" / "data" / "BUS-UCLM"
+needs_uclm = pytest.mark.skipif(not UCLM.is_dir(), reason=f"BUS-UCLM data not found at {UCLM}")
+CK = ROOT / "checkpoints"
+
+# file in checkpoints/ -> what it is, and the folders of evaluate.py's summaries committed beside it (the README
+# quotes them): "busi" on its BUSI validation images, "uclm" on BUS-UCLM (all images for BUSI-only models, the
+# validation patients for the multi-source one), each with the evaluate.py arguments that made it.
+SHIPPED = {
+    "busi_unet_efficientnet_lite0.safetensors": {
+        "encoder": "efficientnet-lite0", "image_size": 192, "head": True,
+        "split": "checkpoints/busi_split_grouped.json",
+        "busi": ("eval_efficientnet_lite0", ["--data_dir", str(BUSI), "--split", "val"]),
+        "uclm": ("eval_efficientnet_lite0_bus-uclm", ["--manifest", str(UCLM / "manifest.csv"), "--split", "all"])},
+    "multi_unet_efficientnet_lite0.safetensors": {
+        "encoder": "efficientnet-lite0", "image_size": 192, "head": True,
+        "split": "checkpoints/multi_split_busi_bus-uclm.json",
+        "busi": ("eval_multi_busi", ["--sources", f"busi={BUSI}", "--split", "val"]),
+        "uclm": ("eval_multi_bus-uclm", ["--sources", f"uclm={UCLM / 'manifest.csv'}", "--split", "val"])},
+    "busi_unet_resnet18.safetensors": {
+        "encoder": "resnet18", "image_size": 256, "head": False, "split": "checkpoints/busi_split.json",
+        "busi": ("eval", ["--data_dir", str(BUSI), "--split", "val"]),
+        "uclm": ("eval_resnet18_bus-uclm", ["--manifest", str(UCLM / "manifest.csv"), "--split", "all"])},
 }
-DEFAULT = ROOT / "checkpoints" / "busi_unet_resnet18.safetensors"
+DEFAULT = CK / "busi_unet_efficientnet_lite0.safetensors"
 
 
-def summary_of(name: str) -> dict:
-    folder = SHIPPED_MODELS[name][1]
-    return json.loads((ROOT / "checkpoints" / folder / "summary.json").read_text(encoding="utf-8"))
+def summary_of(name: str, part: str) -> dict:
+    return json.loads((CK / SHIPPED[name][part][0] / "summary.json").read_text(encoding="utf-8"))
 
 
-def readme_dice(name: str) -> float:
-    return summary_of(name)["lesion"]["dice_a"]["mean"]
-
-
-@pytest.mark.parametrize("name", sorted(SHIPPED_MODELS))
+@pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_checkpoint_loads_without_pickle(name, forbid_pickle):
     import model
-    net, meta = model.load_checkpoint(ROOT / "checkpoints" / name)
-    assert meta["encoder"] == SHIPPED_MODELS[name][0] and meta["classes"] == 2 and meta["image_size"] == 256
+    spec = SHIPPED[name]
+    net, meta = model.load_checkpoint(CK / name)
+    assert meta["encoder"] == spec["encoder"] and meta["classes"] == 2 and meta["image_size"] == spec["image_size"]
     assert (meta["norm_mean"], meta["norm_std"], meta["in_channels"]) == (0.5, 0.5, 1)
-    assert meta["split_file"] == "checkpoints/busi_split.json" and SPLIT.is_file()
-    assert 0.0 < meta["threshold"] < 1.0
-    assert net.segmentation_head[0].out_channels == 2
+    assert meta["split_file"] == spec["split"] and (ROOT / spec["split"]).is_file()
+    assert 0.0 < meta["threshold"] < 1.0 and meta.get("storage") == "fp16"
+    assert bool(meta.get("head")) == spec["head"]
+    s = spec["image_size"]
     with torch.inference_mode():
-        assert net(torch.zeros(1, 1, 256, 256)).shape == (1, 2, 256, 256)
+        out = net(torch.zeros(1, 1, s, s))
+    seg = out[0] if spec["head"] else out
+    assert seg.shape == (1, 2, s, s)
+    if spec["head"]:
+        assert out[1].shape == (1, 3)
 
 
 def test_every_shipped_file_is_listed_here():
-    assert sorted(p.name for p in (ROOT / "checkpoints").glob("*.safetensors")) == sorted(SHIPPED_MODELS)
+    assert sorted(p.name for p in CK.glob("*.safetensors")) == sorted(SHIPPED)
 
 
-@pytest.mark.parametrize("name", sorted(SHIPPED_MODELS))
-def test_readme_reports_the_shipped_figure(name):
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_readme_reports_the_shipped_figures(name):
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    summary = summary_of(name)
-    assert summary["checkpoint"].endswith(name)
-    assert f"{readme_dice(name):.3f}" in readme
+    for part in ("busi", "uclm"):
+        summary = summary_of(name, part)
+        assert summary["checkpoint"].endswith(name)
+        assert f"{summary['figures']['lesion_dice']:.3f}" in readme, (name, part)
 
 
-def test_predict_with_no_arguments_uses_the_shipped_model(tmp_path, monkeypatch):
+def test_predict_with_no_arguments_reproduces_the_committed_sample_predictions(tmp_path, monkeypatch):
     import predict
     assert predict.checkpoint == str(DEFAULT.relative_to(ROOT))
     monkeypatch.chdir(ROOT)
     assert predict.main(["--out_dir", str(tmp_path)]) == 0
-    with open(tmp_path / "predictions.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    assert len(rows) == 6 and all(r["error"] == "" for r in rows)
+
+    def rows(path):
+        with open(path, newline="") as f:
+            return {r["file"].replace("\\\\", "/").rsplit("/", 1)[-1]: r for r in csv.DictReader(f)}
+    got, committed = rows(tmp_path / "predictions.csv"), rows(ROOT / "sample_predictions" / "predictions.csv")
+    assert len(got) == 6 and all(r["error"] == "" for r in got.values())
+    assert {k: r["label"] for k, r in got.items()} == {k: r["label"] for k, r in committed.items()}
 
 
-@needs_busi
-@pytest.mark.parametrize("name", sorted(SHIPPED_MODELS))
-def test_shipped_checkpoint_scores_the_readme_dice_on_the_validation_split(name, tmp_path, monkeypatch):
+def _evaluate(name: str, part: str, tmp_path, monkeypatch) -> dict:
     import evaluate
     from cli import parse_settings
     monkeypatch.chdir(ROOT)
-    cfg = parse_settings(evaluate.__file__, ["--checkpoint", str(ROOT / "checkpoints" / name), "--data_dir",
-                                            str(BUSI), "--split_file", str(SPLIT), "--split", "val",
-                                            "--out_dir", str(tmp_path), "--gallery", "0"])
-    summary = evaluate.run(cfg)
-    dice = summary["lesion"]["dice_a"]["mean"]
-    assert summary["lesion"]["dice_a"]["n"] == 129
-    assert dice >= readme_dice(name) - 0.02, f"{name} scores {dice:.4f}, README says {readme_dice(name)}"
+    folder, args = SHIPPED[name][part]
+    cfg = parse_settings(evaluate.__file__, ["--checkpoint", str(CK / name), "--split_file", SHIPPED[name]["split"],
+                                            *args, "--out_dir", str(tmp_path), "--gallery", "0", "--bootstrap", "0",
+                                            "--no-measure"])
+    return evaluate.run(cfg)
+
+
+@needs_busi
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_checkpoint_scores_the_readme_figures_on_busi_validation(name, tmp_path, monkeypatch):
+    want = summary_of(name, "busi")["figures"]
+    got = _evaluate(name, "busi", tmp_path, monkeypatch)["figures"]
+    assert got["n_lesion"] == want["n_lesion"]
+    assert got["lesion_dice"] >= want["lesion_dice"] - 0.02, (name, got["lesion_dice"], want["lesion_dice"])
+
+
+@needs_uclm
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_checkpoint_scores_the_readme_figures_on_bus_uclm(name, tmp_path, monkeypatch):
+    want = summary_of(name, "uclm")["figures"]
+    got = _evaluate(name, "uclm", tmp_path, monkeypatch)["figures"]
+    assert got["n_lesion"] == want["n_lesion"]
+    assert got["lesion_dice"] >= want["lesion_dice"] - 0.02, (name, got["lesion_dice"], want["lesion_dice"])
+    assert got["lesion_iou"] >= want["lesion_iou"] - 0.02
+    assert got["normal_fp_share"] <= want["normal_fp_share"] + 0.02

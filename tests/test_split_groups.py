@@ -169,6 +169,18 @@ def test_busi_near_duplicates_grouped_and_the_shipped_split_does_not_leak():
     assert len(split["val"]) >= 140 and index  # about 20% of the images
 
 
+def test_frames_of_one_patient_with_two_labels_are_kept(scans):
+    label, grey, variants = scans[1]
+    samples = [dataset.Sample(dataset.Path("a.png"), (), "benign", "a", "P1"),
+               dataset.Sample(dataset.Path("b.png"), (), "normal", "b", "P1"),
+               dataset.Sample(dataset.Path("c.png"), (), "normal", "c", "P2")]
+    phashes = [dataset.image_hashes(grey), dataset.image_hashes(variants["noisy"]), dataset.image_hashes(variants["gain"])]
+    keep, report = dataset.resolve_near_duplicates(samples, phashes)  # P2's copy joins them: a conflict
+    assert keep == [] and report["conflicting_labels"][0]["labels"] == ["benign", "normal", "normal"]
+    keep, _ = dataset.resolve_near_duplicates(samples[:2], phashes[:2])  # same patient only: no conflict
+    assert keep == [0, 1]
+
+
 def test_groups_are_spread_over_the_parts_like_single_images():
     samples = _samples(n_groups=40, per_group=2) + [
         dataset.Sample(dataset.Path(f"s{i}.png"), (), dataset.CLASS_NAMES[i % 3], f"single/{i}") for i in range(90)]
