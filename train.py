@@ -295,7 +295,7 @@ def write_log(path: Path, rows: list[dict]) -> None:
     atomic_write_bytes(path, buf.getvalue().encode())
 
 
-def plot_losses(rows: list[dict], path: Path, title: str) -> None:
+def plot_losses(rows: list[dict], path: Path, title: str, train_loss: str = "bce") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -304,7 +304,7 @@ def plot_losses(rows: list[dict], path: Path, title: str) -> None:
     ax.plot(ep, [float(r["train_loss"]) for r in rows], label="train loss")
     ax.plot(ep, [float(r["val_loss"]) for r in rows], label="validation loss")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("pixel-wise BCE")
+    ax.set_ylabel("pixel-wise BCE" if train_loss == "bce" else f"loss (train: {train_loss}; validation: BCE)")
     ax.set_yscale("log")
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -702,7 +702,8 @@ def save_epoch(run: RunState, epoch: int, row: dict, metrics: dict, improved: bo
     save_checkpoint(out / "last.safetensors", run.model, meta)
     write_log(out / "log.csv", run.rows)
     plot_losses(run.rows, Path(cfg["loss_graph_dir"]) / f"{out.name}.png",
-                f"{out.name}: {cfg['encoder']} UNet, {cfg['image_size']}px")
+                f"{out.name}: {cfg['encoder']} UNet, {cfg['image_size']}px",
+                cfg["loss"] + (" + head CE" if cfg["head"] else ""))
     save_state(run, epoch + 1, 0, run.running)  # last: a kill before this redoes the end of the epoch
 
 

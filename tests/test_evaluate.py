@@ -337,8 +337,8 @@ def test_tune_with_a_head_sweeps_the_gate(synthetic):
     assert len(sweep) == 2 * 2 * len(ev.GATE_GRID)
     best = ev.choose_setting(sweep)
     # both blobs go with a gate at or below 0.55 (P(normal) 0.85 and 0.55) or with min_area 10: equal Dice (b);
-    # ties go to the threshold nearer 0.5, the smaller min_area, then the higher gate
-    assert (best["threshold"], best["min_area"], best["normal_gate"]) == (0.5, 0.0, 0.5)
+    # ties go to the higher gate (no gate clears fewest masks), then the threshold nearer 0.5, the smaller min_area
+    assert (best["threshold"], best["min_area"], best["normal_gate"]) == (0.5, 10.0, 1.0)
     assert best["normal_fp_share"] == 0.0
     sweep_matches_evaluation(data, predictor, sweep)
     assert "normal_gate 1" in ev.format_sweep(sweep, best)
@@ -352,6 +352,9 @@ def test_choose_setting_ties():
     assert ev.choose_setting(rows) == rows[2]
     assert ev.choose_setting(rows + [{"threshold": 0.9, "min_area": 160.0, "normal_gate": 0.3,
                                       "dice_all_b": 0.81}])["threshold"] == 0.9
+    # within the tolerance (one image of a small validation set) a gate that clears masks does not win
+    assert ev.choose_setting(rows + [{"threshold": 0.5, "min_area": 0.0, "normal_gate": 0.3,
+                                      "dice_all_b": 0.803}]) == rows[2]
 
 
 # ---------------------------------------------------------------------------------------------------------
