@@ -604,7 +604,7 @@ def make_split(samples: list[Sample], val_fraction: float = 0.2, seed: int = 42,
     the split dict then stores all folds and select_fold() picks the validation fold.
     groups: {key: group id} (split_groups): the images of a group always land on the same side / fold.
     """
-    if groups is not None and any(list(groups.values()).count(g) > 1 for g in set(groups.values())):
+    if groups is not None and len(set(groups.values())) < len(groups):  # some group holds two or more images
         return _grouped_split(samples, val_fraction, seed, folds, groups)
     rng = random.Random(seed)
     by_class: dict[str, list[str]] = {}
@@ -665,8 +665,7 @@ def _grouped_split(samples: list[Sample], val_fraction: float, seed: int, folds:
         for c, n in need.items():
             counts[p][c] += n
     split = {"version": 2, "seed": seed, "classes": {c: n for c, n in sorted(totals.items()) if n},
-             "grouped": {"groups": sorted(sorted(k for k in ks) for ks in
-                                          ([s.key for s in m] for m in members.values()) if len(ks) > 1)}}
+             "grouped": {"groups": sorted(sorted(s.key for s in m) for m in members.values() if len(m) > 1)}}
     if folds and folds >= 2:
         split.update(folds=[sorted(f) for f in parts])
     else:
@@ -703,16 +702,22 @@ def save_json_atomic(path: str | Path, obj) -> None:
         raise
 
 
+def read_split(path: str | Path, hint: str = "") -> dict:
+    """A split file's content; a file that is not JSON is a DataError naming it (hint: what to do about it)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: split file is not valid JSON ({e}){hint}") from None
+
+
 def load_or_make_split(path: str | Path, samples: list[Sample], val_fraction: float = 0.2, seed: int = 42,
                        folds: int = 0, report: dict | None = None, groups: dict[str, str] | None = None) -> dict:
     """Reuse the split file when it exists (so every run sees the same validation images), else write one."""
     path = Path(path)
     keys = {s.key for s in samples}
     if path.exists():
-        try:
-            split = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: split file is not valid JSON ({e}); delete it to make a new split") from None
+        split = read_split(path, "; delete it to make a new split")
         if folds and "folds" not in split:
             raise DataError(f"{path}: holds a train/val split but folds={folds} was asked; use another split_file")
         if folds and len(split["folds"]) != folds:

@@ -96,12 +96,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dataset import CLASS_NAMES, LESION_CLASSES, DataError, LoadedSet, parse_sources, save_json_atomic
+from dataset import CLASS_NAMES, LESION_CLASSES, DataError, LoadedSet, parse_sources, read_split, save_json_atomic
 from evaluate_readout import (add_measurements, add_uncertainty, format_readout, measurement_summary,
                               readout_columns, uncertainty_summary, write_readout_plots)
 from metrics import (bootstrap_ci, classification_summary, complete_miss, confusion, dice_iou, dice_iou_counts,
                      expected_calibration_error, hd95, nanmean, precision_recall, roc_auc, sens_spec, stats)
-from predict import decide, min_area_at, split_output, to_original
+from predict import decide, scale_min_area, split_output, to_original
 
 log = logging.getLogger("evaluate")
 
@@ -322,7 +322,7 @@ def _probabilities(seg: torch.Tensor, cls: torch.Tensor | None):
 
 def _area_px(min_area: float, data: LoadedSet, shape: tuple[int, int]) -> float:
     """A minimum area in pixels of the network input, in pixels of an image of this shape."""
-    return min_area_at({"image_size": data.images.shape[-1], "min_area": min_area}, shape)
+    return scale_min_area(min_area, data.images.shape[-1], shape)
 
 
 def evaluate_set(predictor, data: LoadedSet, threshold: float, batch_size: int = 8, tta: bool = False,
@@ -859,13 +859,6 @@ def find_split_file(cfg: dict, meta: dict) -> Path:
             return p
     raise DataError(f"split file not found (looked for {', '.join(str(c) for c in candidates)}); "
                     f"give --split_file, or --split all to evaluate every image")
-
-
-def read_split(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: split file is not valid JSON ({e})") from None
 
 
 def _holds_checkpoint_split(cfg: dict, meta: dict, samples: list) -> bool:

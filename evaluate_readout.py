@@ -37,7 +37,7 @@ from dataset import LESION_CLASSES, MAX_IMAGE_PIXELS, LoadedSet
 from dicom_io import Geometry, PixelSize, is_dicom, read_frames
 from measure import NUMERIC_CUES, cue_values, measure_lesions
 from metrics import bland_altman, nanmean, risk_coverage, roc_auc, youden_cutoff
-from predict import decide, min_area_at, to_original
+from predict import decide, scale_min_area, to_original
 
 FAILURE_DICE = 0.5     # an image whose Dice (b) is below this is a failure the review flag should catch
 COVERAGES = (0.5, 0.8, 0.9, 1.0)  # shares kept reported in the table
@@ -131,7 +131,7 @@ def add_uncertainty(rows: list[dict], batches, predictor, data: LoadedSet, setti
         views = view_predictions(predictor, data.images[i:i + len(seg)], probs, batch_size)
         for j in range(len(seg)):
             sample, shape = data.samples[i + j], data.full_masks[i + j].shape
-            area = min_area_at({"image_size": size, "min_area": setting["min_area"]}, shape)
+            area = scale_min_area(setting["min_area"], size, shape)
 
             def to_mask(p, c, shape=shape, area=area) -> np.ndarray:
                 return decide(to_original(p, shape), setting["threshold"], area, c, setting["normal_gate"]).lesion

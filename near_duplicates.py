@@ -89,9 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     samples = dataset.discover(cfg["data_dir"], manifest=cfg["manifest"])
     phashes = [dataset.image_hashes(dataset.load_image(s.image)) for s in samples]
     if cfg["trained_on"]:
-        import json
-        read = lambda p: json.loads(Path(p).read_text(encoding="utf-8"))
-        split = leak_free_split(samples, phashes, read(cfg["trained_on"]), read(cfg["new_split"]))
+        split = leak_free_split(samples, phashes, dataset.read_split(cfg["trained_on"]),
+                                dataset.read_split(cfg["new_split"]))
         split["leak_free"].update(trained_on=cfg["trained_on"], new_split=cfg["new_split"])
         dataset.save_json_atomic(cfg["out_split"], split)
         print(f"{cfg['out_split']}: {len(split['val'])} validation images of {cfg['new_split']} with no near-duplicate "

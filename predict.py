@@ -134,11 +134,15 @@ def decide(probs: torch.Tensor, threshold: float, min_area: float = 0.0, cls_pro
                     float(mass[mal] / mass.sum()) if float(mass.sum()) > 0 else 0.5)
 
 
+def scale_min_area(min_area: float, image_size: int, shape: tuple[int, int]) -> float:
+    """A minimum lesion-component area in pixels of the network input (image_size x image_size), in pixels of an
+    image of this shape."""
+    return float(min_area or 0) * shape[0] * shape[1] / (image_size * image_size)
+
+
 def min_area_at(meta: dict, shape: tuple[int, int]) -> float:
-    """The checkpoint's minimum lesion-component area (stored in pixels of the network input, image_size x
-    image_size) in pixels of an image of this shape."""
-    size = int(meta["image_size"])
-    return float(meta.get("min_area", 0) or 0) * shape[0] * shape[1] / (size * size)
+    """The checkpoint's minimum lesion-component area in pixels of an image of this shape."""
+    return scale_min_area(meta.get("min_area", 0), int(meta["image_size"]), shape)
 
 
 DIAMETER_COLOURS = ((255, 220, 0), (0, 200, 255))  # longest diameter, the one perpendicular to it

@@ -187,9 +187,8 @@ def prepare_data(cfg: dict, out: Path, is_main: bool = True):
 def _new_or_grouped_split(path: Path) -> bool:
     """True unless path holds a split made without near-duplicate groups (old split files keep their images)."""
     try:
-        import json
-        return not path.exists() or "grouped" in json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return not path.exists() or "grouped" in dataset.read_split(path)
+    except (OSError, DataError):
         return True  # load_or_make_split reports the unreadable file
 
 
