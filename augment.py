@@ -44,14 +44,18 @@ class AugmentConfig:
 
     @classmethod
     def preset(cls, name: str) -> "AugmentConfig":
-        """'recipe' (the original's ranges) or 'scanner' (wider gain, contrast and zoom, speckle of several
-        sizes, lower resolutions and depth gain ramps: what differs between scanners and hospitals)."""
+        """'recipe' (the original's ranges), 'scanner' (wider gain, contrast and zoom, speckle of several
+        sizes, lower resolutions and depth gain ramps: what differs between scanners and hospitals), or 'none'
+        (every draw shows the image as it is: the ablation's no-augmentation arm at the same budget)."""
         if name == "recipe":
             return cls()
+        if name == "none":
+            return cls(hflip=0.0, rotate_deg=0.0, scale=(1.0, 1.0), shift=0.0, brightness=0.0, contrast=(1.0, 1.0),
+                       gamma=(1.0, 1.0), speckle=0.0, blur_p=0.0)
         if name == "scanner":
             return cls(scale=(0.8, 1.4), brightness=0.15, contrast=(0.6, 1.5), gamma=(0.5, 1.8), speckle=0.25,
                        blur_p=0.3, blur_sigma=(0.4, 1.6), speckle_scales=(2, 4), downup_p=0.3, depth_ramp=0.5)
-        raise ValueError(f"augment must be 'recipe' or 'scanner', got {name!r}")
+        raise ValueError(f"augment must be 'recipe', 'scanner' or 'none', got {name!r}")
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device) -> torch.Tensor:

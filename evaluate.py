@@ -123,6 +123,8 @@ threshold = -1.0             # lesion probability threshold; < 0 uses the checkp
 min_area = -1.0              # smallest lesion component kept, in pixels at the network's input size; < 0 uses the checkpoint's (0 if none)
 normal_gate = -1.0           # with a classification head: clear the mask when P(normal) >= this; < 0 uses the checkpoint's (1.0 if none)
 tune_threshold = False       # sweep threshold, min_area (and normal_gate) on these images, report each, evaluate at the best (validation only!)
+recall_floor = 0.02          # tuning: min_area and the gate may erase at most this share of the lesion images the threshold found (< 0: no floor)
+gate_keep = -1.0             # the normal gate never erases a mask whose mean lesion probability is at least this; < 0 uses the checkpoint's (1.0 if none)
 subgroups = ""               # manifest columns for per-subgroup rows, comma-separated, e.g. doppler,marks
 bootstrap = 1000             # bootstrap resamples for the 95% intervals (by patient where the data has patient ids; 0: none)
 tta = False                  # average with the mirrored image
@@ -144,7 +146,7 @@ IGNORED_DIRS = ("runs", "private", "data", "sample_predictions/busi")
 METRIC_KEYS = ("dice_a", "iou_a", "dice_b", "iou_b", "precision", "recall", "hd95",
                *[f"{m}_{c}_{conv}" for c in LESION_CLASSES for conv in ("a", "b") for m in ("dice", "iou")])
 # Per-image numbers beside the metrics (NaN where they do not apply: see the module docstring).
-IMAGE_KEYS = ("malignancy", "p_normal", "complete_miss", "false_positive")
+IMAGE_KEYS = ("malignancy", "p_normal", "complete_miss", "false_positive", "gate_cleared", "gate_conflict")
 CSV_FIELDS = ["file", "true_label", "pred_label", "confidence", *METRIC_KEYS, "true_area", "pred_area",
               *[f"pred_area_{c}" for c in LESION_CLASSES], "height", "width", *IMAGE_KEYS, "patient"]
 
@@ -173,7 +175,8 @@ def image_metrics(decision, true_mask: np.ndarray, true_label: str, with_hd95: b
            "height": int(true_mask.shape[0]), "width": int(true_mask.shape[1]),
            "malignancy": float(decision.malignancy), "p_normal": float(decision.p_normal),
            "complete_miss": int(complete_miss(pred, true_mask)) if true_label in LESION_CLASSES else nan,
-           "false_positive": int(pred.any()) if true_label == "normal" else nan}
+           "false_positive": int(pred.any()) if true_label == "normal" else nan,
+           "gate_cleared": int(decision.gated), "gate_conflict": int(decision.gate_conflict)}
     empty = np.zeros_like(true_mask, dtype=bool)
     for c, name in enumerate(LESION_CLASSES):
         t = true_mask if true_label == name else empty
@@ -207,6 +210,7 @@ def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
     mal = col("malignancy")
     return {"lesion": np.isin(label, LESION_CLASSES), "normal": label == "normal", "malignant": label == "malignant",
             "dice": col("dice_a"), "iou": col("iou_a"), "miss": col("complete_miss"), "fp": col("false_positive"),
+            "gated": np.nan_to_num(col("gate_cleared")), "conflict": np.nan_to_num(col("gate_conflict")),
             "score": np.where(np.isnan(mal), NO_MALIGNANCY, mal), "called": mal >= MALIGNANCY_CUTOFF,
             "unscored": np.isnan(mal)}
 
@@ -233,7 +237,9 @@ def figures(rows: list[dict]) -> tuple[dict, list[dict]]:
     return {"n_lesion": int(les.sum()), "n_normal": int(c["normal"].sum()),
             **{k: FIGURES[k](c) for k in FIGURE_KEYS},
             "sensitivity_malignant": sens, "specificity_malignant": spec, "malignancy_cutoff": MALIGNANCY_CUTOFF,
-            "ece": ece, "n_lesion_without_malignancy": int(c["unscored"][les].sum())}, table
+            "ece": ece, "n_lesion_without_malignancy": int(c["unscored"][les].sum()),
+            "gate_cleared_lesion": int(c["gated"][les].sum()), "gate_cleared_normal": int(c["gated"][c["normal"]].sum()),
+            "gate_kept_for_review": int(c["conflict"].sum())}, table
 
 
 def intervals(rows: list[dict], n_boot: int = 1000, seed: int = 0) -> dict:
@@ -327,12 +333,13 @@ def _area_px(min_area: float, data: LoadedSet, shape: tuple[int, int]) -> float:
 
 def evaluate_set(predictor, data: LoadedSet, threshold: float, batch_size: int = 8, tta: bool = False,
                  with_hd95: bool = True, masks: dict | None = None, *, min_area: float = 0.0,
-                 normal_gate: float = 1.0, subgroups=(), n_boot: int = 0) -> tuple[list[dict], dict]:
+                 normal_gate: float = 1.0, gate_keep: float = 1.0, subgroups=(), n_boot: int = 0
+                 ) -> tuple[list[dict], dict]:
     """Predict every image of a loaded set and score it at its original resolution.
 
     predictor: callable (uint8 N x 1 x S x S, batch size, tta) -> lesion logits N x C x S x S, or a tuple
     (lesion logits, image-label logits N x 3 over CLASS_NAMES) for a model with a classification head.
-    min_area (pixels at the network's input size) and normal_gate: predict.decide's post-processing.
+    min_area (pixels at the network's input size), normal_gate and gate_keep: predict.decide's post-processing.
     masks: if a dict is given, each image's predicted lesion mask is stored in it (packed bits, see unpack_mask).
     subgroups: manifest columns copied into the rows and summarised per value; n_boot: bootstrap resamples.
     Returns (per-image rows, summary). The summary's "val_loss" is the pixel-wise BCE at network resolution.
@@ -344,7 +351,7 @@ def evaluate_set(predictor, data: LoadedSet, threshold: float, batch_size: int =
         for j, (probs, cls_probs) in enumerate(_probabilities(seg, cls)):
             s, full = data.samples[i + j], data.full_masks[i + j]
             d = decide(to_original(probs, full.shape), threshold, _area_px(min_area, data, full.shape), cls_probs,
-                       normal_gate)
+                       normal_gate, gate_keep)
             rows.append(sample_row(s, d, full, with_hd95, subgroups))
             if masks is not None:
                 masks[s.key] = (np.packbits(d.lesion), d.lesion.shape)
@@ -369,14 +376,17 @@ GATE_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)              # only for che
 
 def _component_counts(probs: torch.Tensor, true: np.ndarray, thresholds, areas_px) -> tuple[np.ndarray, ...]:
     """predict.decide's mask for many settings at once, reduced to what the sweep needs: for each threshold
-    x minimum area (pixels of this image), the overlap with the true mask, the predicted area and the lesion
-    class holding the most probability (index into LESION_CLASSES). Each threshold's connected components
-    (8-connectivity) are labelled once; a minimum area keeps those of at least that many pixels."""
+    x minimum area (pixels of this image), the overlap with the true mask, the predicted area, the lesion
+    class holding the most probability (index into LESION_CLASSES), the summed top probability of the kept
+    pixels (the gate's keep rule reads its mean), and per threshold the area before the minimum area. Each
+    threshold's connected components (8-connectivity) are labelled once; a minimum area keeps those of at
+    least that many pixels."""
     from scipy import ndimage
     p = probs.float().numpy()
     top = p.max(0)
     shape = (len(thresholds), len(areas_px))
-    inter, area, cls = np.zeros(shape), np.zeros(shape), np.zeros(shape, dtype=int)
+    inter, area, cls, top_mass = np.zeros(shape), np.zeros(shape), np.zeros(shape, dtype=int), np.zeros(shape)
+    raw = np.zeros((len(thresholds), 1))
     for ti, t in enumerate(thresholds):
         lab, n = ndimage.label(top > np.float32(t), structure=np.ones((3, 3), bool))
         if n == 0:
@@ -385,11 +395,13 @@ def _component_counts(probs: torch.Tensor, true: np.ndarray, thresholds, areas_p
         size = np.bincount(flat, minlength=n + 1)[1:]
         over = np.bincount(flat, weights=true.ravel(), minlength=n + 1)[1:]
         mass = np.stack([np.bincount(flat, weights=ch.ravel(), minlength=n + 1)[1:] for ch in p])
+        tmass = np.bincount(flat, weights=top.ravel(), minlength=n + 1)[1:]
+        raw[ti] = size.sum()
         for ai, a in enumerate(areas_px):
             keep = size >= a
-            inter[ti, ai], area[ti, ai] = over[keep].sum(), size[keep].sum()
+            inter[ti, ai], area[ti, ai], top_mass[ti, ai] = over[keep].sum(), size[keep].sum(), tmass[keep].sum()
             cls[ti, ai] = int(mass[:, keep].sum(1).argmax())
-    return inter, area, cls
+    return inter, area, cls, top_mass, np.broadcast_to(raw, shape)
 
 
 def _head_view(cls_probs: torch.Tensor | None) -> tuple[float, float]:
@@ -416,29 +428,35 @@ def _sweep_figures(inter, area, true_area, labels, pred_idx) -> dict[str, np.nda
             "miss_rate": mean((true_area > 0) & (inter == 0), lesion), "normal_fp_share": mean(area > 0, normal)}
 
 
-def _sweep_rows(counts, data: LoadedSet, heads, thresholds, min_areas, gates) -> list[dict]:
-    """One row per threshold x min_area x gate from the per-image counts of _component_counts."""
-    inter, area, cls = (np.stack([c[k] for c in counts]) for k in range(3))
+def _sweep_rows(counts, data: LoadedSet, heads, thresholds, min_areas, gates, gate_keep: float = 1.0) -> list[dict]:
+    """One row per threshold x min_area x gate from the per-image counts of _component_counts. cleared_share:
+    the share of lesion images whose mask the threshold alone kept but min_area and the gate erased."""
+    inter, area, cls, top_mass, raw = (np.stack([c[k] for c in counts]) for k in range(5))
     true_area = np.asarray([m.sum() for m in data.full_masks], dtype=float)[:, None, None]
     labels = np.asarray([s.label for s in data.samples], dtype=str)
+    lesion = np.isin(labels, LESION_CLASSES)
     p_normal, malignancy = (np.asarray([h[k] for h in heads], dtype=float)[:, None, None] for k in range(2))
     lesion_idx = np.asarray([CLASS_NAMES.index(c) for c in LESION_CLASSES])
+    confident = top_mass >= gate_keep * np.maximum(area, 1e-9)  # mean top probability of the kept mask
     by_gate = []
     for g in gates:
-        gated = p_normal >= g  # NaN (no head): never
+        gated = (p_normal >= g) & ~confident  # NaN (no head): never
         a, i_ = np.where(gated, 0.0, area), np.where(gated, 0.0, inter)
         called = np.where(np.isnan(malignancy), lesion_idx[cls],
                           np.where(malignancy >= MALIGNANCY_CUTOFF, CLASS_NAMES.index("malignant"),
                                    CLASS_NAMES.index("benign")))
         pred_idx = np.where(a > 0, called, CLASS_NAMES.index("normal"))
-        by_gate.append(_sweep_figures(i_, a, true_area, labels, pred_idx))
+        figs = _sweep_figures(i_, a, true_area, labels, pred_idx)
+        cleared = (raw > 0) & (a == 0)
+        figs["cleared_share"] = cleared[lesion].mean(0) if lesion.any() else np.zeros(a.shape[1:])
+        by_gate.append(figs)
     return [{"threshold": float(t), "min_area": float(m), "normal_gate": float(g),
              **{k: float(v[ti, ai]) for k, v in by_gate[gi].items()}}
             for ti, t in enumerate(thresholds) for ai, m in enumerate(min_areas) for gi, g in enumerate(gates)]
 
 
 def threshold_sweep(predictor, data: LoadedSet, grid=THRESHOLD_GRID, batch_size: int = 8, tta: bool = False,
-                    min_areas=(0.0,), gates=(1.0,)) -> list[dict]:
+                    min_areas=(0.0,), gates=(1.0,), gate_keep: float = 1.0) -> list[dict]:
     """The headline numbers (lesion Dice/IoU, all-image Dice (b), accuracy, miss rate, normal false-positive
     share) at every threshold x minimum area (pixels at the network's input size) x normal gate (used only
     when the predictor has a classification head; else 1.0 alone).
@@ -458,7 +476,7 @@ def threshold_sweep(predictor, data: LoadedSet, grid=THRESHOLD_GRID, batch_size:
         return []
     if any(np.isnan(h[0]) for h in heads):
         gates = (1.0,)
-    return _sweep_rows(counts, data, heads, grid, min_areas, gates)
+    return _sweep_rows(counts, data, heads, grid, min_areas, gates, gate_keep)
 
 
 # Settings whose all-image Dice (b) is within this of the best are a tie: on a validation set of a few dozen
@@ -467,11 +485,15 @@ def threshold_sweep(predictor, data: LoadedSet, grid=THRESHOLD_GRID, batch_size:
 TUNE_TOLERANCE = 0.005
 
 
-def choose_setting(sweep: list[dict], tolerance: float = TUNE_TOLERANCE) -> dict:
+def choose_setting(sweep: list[dict], tolerance: float = TUNE_TOLERANCE, recall_floor: float | None = None) -> dict:
     """The sweep row with the highest mean Dice (b) over ALL images: it rewards lesion overlap and empty
     predictions on normal images alike, so it cannot buy lesion Dice with false positives. Rows within
     `tolerance` of the best count as ties; among them: the higher normal_gate (1.0: no gate), then the threshold
-    nearest 0.5, then the smaller min_area."""
+    nearest 0.5, then the smaller min_area.
+    recall_floor: only rows whose min_area and gate erase at most this share of the lesion images that the
+    threshold alone found (cleared_share) are candidates; no gate and no minimum area always qualify."""
+    if recall_floor is not None:
+        sweep = [r for r in sweep if r.get("cleared_share", 0.0) <= recall_floor + 1e-12]
     best = max(round(r["dice_all_b"], 6) for r in sweep)
     near = [r for r in sweep if round(r["dice_all_b"], 6) >= best - tolerance]
     return max(near, key=lambda r: (r.get("normal_gate", 1.0), -abs(r["threshold"] - 0.5), -r.get("min_area", 0.0),
@@ -936,9 +958,9 @@ def default_out_dir(cfg: dict, split_: str) -> Path:
 
 
 def post_processing(cfg: dict, meta: dict) -> dict:
-    """threshold, min_area (pixels at the network's input size) and normal_gate: each from the command line,
-    or, when negative there, from the checkpoint (0.5, 0 and 1.0 when it holds none)."""
-    stored = {"threshold": 0.5, "min_area": 0.0, "normal_gate": 1.0}
+    """threshold, min_area (pixels at the network's input size), normal_gate and gate_keep: each from the command
+    line, or, when negative there, from the checkpoint (0.5, 0, 1.0 and 1.0 when it holds none)."""
+    stored = {"threshold": 0.5, "min_area": 0.0, "normal_gate": 1.0, "gate_keep": 1.0}
     return {k: float(cfg[k]) if cfg[k] >= 0 else float(meta.get(k) if meta.get(k) is not None else default)
             for k, default in stored.items()}
 
@@ -961,21 +983,26 @@ def subgroup_columns(cfg: dict, meta: dict, samples: list) -> tuple[str, ...]:
 
 
 def tune(cfg: dict, predictor, data: LoadedSet, info: dict) -> tuple[list[dict], dict]:
-    """--tune_threshold: the sweep over threshold x min_area (x normal_gate), printed; returns it and the
-    chosen setting."""
+    """--tune_threshold: the sweep over threshold x min_area (x normal_gate, with the gate's keep level
+    --gate_keep or predict.GATE_KEEP) under --recall_floor, printed; returns it and the chosen setting."""
+    from predict import GATE_KEEP
     if info["split"] != "val":
         log.warning("--tune_threshold on the %s images: choose the post-processing on validation images only",
                     info["split"])
+    keep = cfg["gate_keep"] if cfg["gate_keep"] >= 0 else GATE_KEEP
+    floor = cfg["recall_floor"] if cfg["recall_floor"] >= 0 else None
     sweep = threshold_sweep(predictor, data, batch_size=cfg["batch_size"], tta=cfg["tta"], min_areas=MIN_AREA_GRID,
-                            gates=GATE_GRID)
-    best = choose_setting(sweep)
+                            gates=GATE_GRID, gate_keep=keep)
+    best = choose_setting(sweep, recall_floor=floor)
     print(format_sweep(sweep, best))
     chosen = {"threshold": best["threshold"], "min_area": best["min_area"]}
     if len({r["normal_gate"] for r in sweep}) > 1:  # a head: the gate was swept too
-        chosen["normal_gate"] = best["normal_gate"]
-    print(f"chosen {', '.join(f'{k} {v:g}' for k, v in chosen.items())} (highest mean Dice (b) over all images); "
-          f"store them with ship_checkpoint.py {' '.join(f'--{k} {v:g}' for k, v in chosen.items())}")
-    return sweep, {k: best[k] for k in ("threshold", "min_area", "normal_gate")}
+        chosen.update(normal_gate=best["normal_gate"], gate_keep=keep)
+    print(f"chosen {', '.join(f'{k} {v:g}' for k, v in chosen.items())} (highest mean Dice (b) over all images"
+          f"{f'; at most {floor:.0%} of lesion images erased' if floor is not None else ''}); store them with "
+          f"ship_checkpoint.py {' '.join(f'--{k} {v:g}' for k, v in chosen.items())}")
+    return sweep, {"threshold": best["threshold"], "min_area": best["min_area"], "normal_gate": best["normal_gate"],
+                   "gate_keep": keep if "gate_keep" in chosen else 1.0}
 
 
 def write_outputs(out: Path, rows: list[dict], summary: dict, subgroups=()) -> list[str]:
@@ -1070,7 +1097,8 @@ def run(cfg: dict) -> dict:
         sweep, setting = tune(cfg, predictor, data, info)
     masks: dict | None = {} if (cfg["gallery"] > 0 or cfg["measure"] or cfg["uncertainty"]) else None
     rows, summary = evaluate_set(predictor, data, setting["threshold"], cfg["batch_size"], cfg["tta"], masks=masks,
-                                 min_area=setting["min_area"], normal_gate=setting["normal_gate"], subgroups=groups,
+                                 min_area=setting["min_area"], normal_gate=setting["normal_gate"],
+                                 gate_keep=setting["gate_keep"], subgroups=groups,
                                  n_boot=cfg["bootstrap"])
     if sweep is not None:
         summary["threshold_sweep"] = sweep

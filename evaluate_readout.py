@@ -134,7 +134,8 @@ def add_uncertainty(rows: list[dict], batches, predictor, data: LoadedSet, setti
             area = scale_min_area(setting["min_area"], size, shape)
 
             def to_mask(p, c, shape=shape, area=area) -> np.ndarray:
-                return decide(to_original(p, shape), setting["threshold"], area, c, setting["normal_gate"]).lesion
+                return decide(to_original(p, shape), setting["threshold"], area, c, setting["normal_gate"],
+                              setting.get("gate_keep", 1.0)).lesion
             rows[i + j]["uncertainty"] = image_score(pred_mask(sample.key),
                                                      [(p[j], None if c is None else c[j]) for p, c in views], to_mask)
 

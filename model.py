@@ -293,6 +293,7 @@ def _check_meta_types(meta: dict, path) -> None:
              "threshold": (lambda v: real(v) and 0 <= v <= 1, "a number in [0, 1]"),
              "min_area": (lambda v: real(v) and v >= 0, "a number >= 0"),
              "normal_gate": (lambda v: real(v) and 0 <= v <= 1, "a number in [0, 1]"),
+             "gate_keep": (lambda v: real(v) and 0 <= v <= 1, "a number in [0, 1]"),
              "head": (lambda v: isinstance(v, list) and len(v) >= 2 and all(isinstance(c, str) for c in v),
                       "a list of class names")}
     for key, (ok, what) in rules.items():

@@ -79,6 +79,8 @@ class Decision:
     mean_lesion_prob: float  # mean of max-channel probability inside the lesion (0 if none)
     malignancy: float = float("nan")  # P(malignant | lesion): from the head when there is one, else from the channels
     p_normal: float = float("nan")    # the head's probability that the image is normal (NaN without a head)
+    gated: bool = False               # the normal gate erased a mask that the threshold and min_area had kept
+    gate_conflict: bool = False       # the head said normal (P(normal) >= gate) but the mask was confident: kept, review it
 
 
 def remove_small(lesion: torch.Tensor, min_area: float) -> torch.Tensor:
@@ -93,8 +95,11 @@ def remove_small(lesion: torch.Tensor, min_area: float) -> torch.Tensor:
     return torch.from_numpy(keep[components])
 
 
+GATE_KEEP = 0.8  # the normal gate never erases a mask whose mean lesion probability is at least this
+
+
 def decide(probs: torch.Tensor, threshold: float, min_area: float = 0.0, cls_probs: torch.Tensor | None = None,
-           normal_gate: float = 1.0) -> Decision:
+           normal_gate: float = 1.0, gate_keep: float = 1.0) -> Decision:
     """Turn per-class probabilities C x H x W into a mask and an image label.
 
     min_area: lesion components smaller than this many pixels (at this resolution) are removed.
@@ -102,24 +107,30 @@ def decide(probs: torch.Tensor, threshold: float, min_area: float = 0.0, cls_pro
     whose channel holds the most probability inside the lesion; malignancy = the malignant share of that
     probability.
     With a head (cls_probs: probabilities of CLASS_NAMES): the mask is cleared when the head's P(normal) is
-    at least normal_gate; an image with a lesion left is labelled benign or malignant by the head's
-    P(malignant) / (P(benign) + P(malignant)) against 0.5, and normal otherwise.
+    at least normal_gate, unless the mask is confident (mean lesion probability >= gate_keep): then it is kept
+    and gate_conflict raised (a lesion the head calls normal is a case for review, not for erasing). An image
+    with a lesion left is labelled benign or malignant by the head's P(malignant) / (P(benign) + P(malignant))
+    against 0.5, and normal otherwise.
     """
     p = probs.float()
     top, arg = p.max(0)
     lesion = remove_small(top > threshold, min_area)
     head = None
+    gated = conflict = False
     if cls_probs is not None:
         head = {c: float(v) for c, v in zip(CLASS_NAMES, cls_probs.float().tolist())}
         lesion_mass = head["benign"] + head["malignant"]
         malignancy = head["malignant"] / lesion_mass if lesion_mass > 0 else 0.5
-        if head["normal"] >= normal_gate:
-            lesion = torch.zeros_like(lesion)
+        if head["normal"] >= normal_gate and bool(lesion.any()):
+            if float(top[lesion].mean()) >= gate_keep:
+                conflict = True
+            else:
+                lesion, gated = torch.zeros_like(lesion), True
     class_masks = torch.stack([lesion & (arg == c) for c in range(p.shape[0])])
     if not lesion.any():
         if head is not None:
             return Decision(lesion.numpy(), class_masks.numpy(), "normal", head["normal"], 0.0, malignancy,
-                            head["normal"])
+                            head["normal"], gated)
         return Decision(lesion.numpy(), class_masks.numpy(), "normal", float(1 - top.max()), 0.0)
     mass = (p * lesion).sum(dim=(1, 2))
     n = lesion.sum()
@@ -127,7 +138,7 @@ def decide(probs: torch.Tensor, threshold: float, min_area: float = 0.0, cls_pro
     if head is not None:
         label = "malignant" if malignancy >= 0.5 else "benign"
         return Decision(lesion.numpy(), class_masks.numpy(), label, head[label], mean_prob, malignancy,
-                        head["normal"])
+                        head["normal"], gated, conflict)
     c = int(mass.argmax())
     mal = LESION_CLASSES.index("malignant")
     return Decision(lesion.numpy(), class_masks.numpy(), LESION_CLASSES[c], float(mass[c] / n), mean_prob,
@@ -253,8 +264,10 @@ def _network_probs(predictor, meta: dict, grey: np.ndarray, tta_: bool):
 
 def _decide_at(meta: dict, shape: tuple[int, int], probs: torch.Tensor, cls_probs, threshold_: float,
                normal_gate_: float) -> Decision:
-    """decide() on network-size probabilities resized to an image of this shape (its minimum area scaled)."""
-    return decide(to_original(probs, shape), threshold_, min_area_at(meta, shape), cls_probs, normal_gate_)
+    """decide() on network-size probabilities resized to an image of this shape (its minimum area scaled; the
+    gate's keep level from the checkpoint)."""
+    return decide(to_original(probs, shape), threshold_, min_area_at(meta, shape), cls_probs, normal_gate_,
+                  float(meta.get("gate_keep", 1.0)))
 
 
 def predict_img(predictor, meta: dict, grey: np.ndarray, threshold_: float, tta_: bool = False,
@@ -387,6 +400,8 @@ def read_out(fr: Frame, predictor, meta: dict, thr: float, cfg: dict, cutoff: fl
         d = replace(d, lesion=uncrop(d.lesion, fr.box, full), class_masks=uncrop(d.class_masks, fr.box, full))
         umap = None if umap is None else uncrop(umap, fr.box, full)
     review = None if cutoff is None or score != score else bool(score > cutoff)
+    if d.gate_conflict:  # the head called it normal but the mask was kept: always a case for review
+        review = True
     ro = Readout(d, measure_lesions(d.lesion, fr.geometry.pixel_size_at), score, umap, review)
     if cfg.get("box"):
         from box_prompt import clip_box, parse_box, shared_prompter

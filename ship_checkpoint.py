@@ -25,7 +25,7 @@ from model import load_checkpoint, save_checkpoint
 
 def ship(src: str, out: str, split: str, half: bool = True, threshold: float | None = None,
          min_area: float | None = None, normal_gate: float | None = None,
-         uncertainty_cutoff: float | None = None) -> dict:
+         uncertainty_cutoff: float | None = None, gate_keep: float | None = None) -> dict:
     """Write src as the shipped file out (fp16 unless half=False), its split copied to split; threshold,
     min_area and normal_gate, if given (chosen together on the validation split with evaluate.py
     --tune_threshold), replace the stored ones; uncertainty_cutoff (chosen on the validation split with
@@ -53,6 +53,10 @@ def ship(src: str, out: str, split: str, half: bool = True, threshold: float | N
         if not meta.get("head"):
             raise ValueError(f"{src}: normal_gate needs a model with a classification head")
         meta["normal_gate"] = float(normal_gate)
+    if gate_keep is not None:
+        if not 0.0 < gate_keep <= 1.0:
+            raise ValueError(f"gate_keep must lie in (0, 1], got {gate_keep}")
+        meta["gate_keep"] = float(gate_keep)
     if uncertainty_cutoff is not None:
         from uncertainty import METHOD
         meta.update(uncertainty_cutoff=float(uncertainty_cutoff), uncertainty_method=METHOD)
@@ -72,11 +76,13 @@ if __name__ == "__main__":
                     help="smallest lesion component kept, pixels of the network input (evaluate.py --tune_threshold)")
     ap.add_argument("--normal_gate", type=float, default=None,
                     help="models with a head: clear the mask when P(normal) >= this (evaluate.py --tune_threshold)")
+    ap.add_argument("--gate_keep", type=float, default=None,
+                    help="models with a head: the gate never erases a mask this confident (evaluate.py --tune_threshold)")
     ap.add_argument("--uncertainty_cutoff", type=float, default=None,
                     help="predict.py --uncertainty flags an image for review above this score "
                          "(chosen on the validation split: evaluate.py --uncertainty)")
     a = ap.parse_args()
     m = ship(a.src, a.out, a.split, half=not a.fp32, threshold=a.threshold, min_area=a.min_area,
-             normal_gate=a.normal_gate, uncertainty_cutoff=a.uncertainty_cutoff)
+             normal_gate=a.normal_gate, uncertainty_cutoff=a.uncertainty_cutoff, gate_keep=a.gate_keep)
     print(json.dumps({k: m.get(k) for k in ("encoder", "image_size", "epoch", "split_file", "storage", "threshold",
-                                            "min_area", "normal_gate", "uncertainty_cutoff")}))
+                                            "min_area", "normal_gate", "gate_keep", "uncertainty_cutoff")}))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import functools
 import io
 import logging
 import math
@@ -46,7 +47,8 @@ from model import CheckpointError, WeightsUnavailableError, atomic_write_bytes
 
 log = logging.getLogger("train")
 
-# ---- settings (edit here, or override on the command line: --epochs 10 --no-augment)
+# ---- settings (edit here, or in a recipe file: python train.py configs/x.py; then the command line: --epochs 10)
+config = ""                   # recipe file the settings came from (python train.py configs/x.py); stored in the checkpoint
 data_dir = "data/BUSI"        # BUSI class-folder layout: benign/, malignant/, normal/ with *_mask*.png
 path_to_images = ""           # or: a folder of images (the original repo's layout) ...
 path_to_masks = ""            # ... and a folder of masks matched to the images by file name
@@ -74,12 +76,13 @@ weight_decay = 0.0            # L2 penalty
 lr_factor = 0.1               # ReduceLROnPlateau: multiply the lr by this ...
 lr_patience = 5               # ... after this many epochs without a lower validation loss
 expand = 7                    # training set expansion by augmentation (1: no augmentation)
+draws_per_epoch = 0           # images drawn per epoch (0: every training image expand times); fixed, runs on different data get the same budget
 threshold = 0.5               # lesion probability threshold stored in the checkpoint
 min_area = 0.0                # smallest lesion component kept, in pixels of the network input (stored in the checkpoint)
-loss = "bce"                  # bce (the recipe's pixel-wise BCE), or bce+dice (adds soft Dice over the lesion channels)
+loss = "bce"                  # bce (the recipe's pixel-wise BCE), bce+dice (+ SMP's soft Dice per lesion channel), bce+union_dice (+ soft Dice of the union of the lesion channels)
 head = False                  # add a classification head for the image label (normal / benign / malignant)
 head_weight = 0.2             # weight of the head's cross-entropy in the loss
-augment = "recipe"            # augmentation ranges: recipe, or scanner (gain, contrast, speckle size, resolution, depth ramp)
+augment = "recipe"            # augmentation ranges: recipe, scanner (gain, contrast, speckle size, resolution, depth ramp), or none
 lr_schedule = "plateau"       # plateau (ReduceLROnPlateau on the validation loss, the recipe) or onecycle (warm-up, then cosine decay per step)
 device = "auto"               # auto (cuda, then mps, then cpu), cpu, cuda, mps
 amp = True                    # bf16 autocast on CUDA
@@ -209,24 +212,40 @@ def make_model(cfg: dict):
                        len(dataset.CLASS_NAMES) if cfg["head"] else 0)
 
 
+LOSSES = ("bce", "bce+dice", "bce+union_dice")
+
+
+def union_dice_loss(seg: torch.Tensor, y: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Soft Dice of the lesion, whatever its class: the union probability (max over the lesion channels, as
+    predict.decide thresholds it) against the union of the targets, pooled over the batch (normal images add
+    only their false-positive mass)."""
+    p = torch.sigmoid(seg).amax(1)
+    t = y.amax(1)
+    inter = (p * t).sum()
+    return 1 - (2 * inter + smooth) / (p.sum() + t.sum() + smooth)
+
+
 def make_loss(cfg: dict):
     """The training loss of a network output against lesion targets y (N x C x S x S) and image labels (N):
-    pixel-wise BCE (the recipe), + soft Dice over the lesion channels (SMP's multilabel DiceLoss, which leaves
-    channels without lesion pixels in the batch out), + head_weight x cross-entropy of the classification head."""
+    pixel-wise BCE (the recipe), + soft Dice: per lesion channel (bce+dice: SMP's multilabel DiceLoss, which
+    leaves channels without lesion pixels in the batch out) or of the union of the lesion channels
+    (bce+union_dice: finding the lesion counts, not its class), + head_weight x cross-entropy of the head."""
     from backends import split_output
-    if cfg["loss"] not in ("bce", "bce+dice"):
-        raise ValueError(f"loss must be bce or bce+dice, got {cfg['loss']!r}")
+    if cfg["loss"] not in LOSSES:
+        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {cfg['loss']!r}")
     dice = None
     if cfg["loss"] == "bce+dice":
         from segmentation_models_pytorch.losses import DiceLoss
         dice = DiceLoss("multilabel", from_logits=True)
+    elif cfg["loss"] == "bce+union_dice":
+        dice = union_dice_loss
 
     def loss_fn(out, y: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         seg, cls = split_output(out)
         loss = F.binary_cross_entropy_with_logits(seg.float(), y)
         if dice is not None:
             loss = loss + dice(seg.float(), y)
-        if cls is not None:
+        if cls is not None and cfg["head_weight"] > 0:
             loss = loss + cfg["head_weight"] * F.cross_entropy(cls.float(), labels)
         return loss
     return loss_fn
@@ -268,10 +287,34 @@ def checkpoint_meta(cfg: dict, split_path: Path, epoch: int, metrics: dict) -> d
             "classes": len(dataset.LESION_CLASSES), "threshold": cfg["threshold"], "min_area": cfg["min_area"],
             "epoch": epoch, "split_file": str(split_path), "fold": cfg["fold"], "metrics": metrics,
             "train_config": {k: v for k, v in cfg.items()}, "augment": AugmentConfig.preset(cfg["augment"]).to_dict(),
-            "torch": torch.__version__}
+            "torch": torch.__version__, "recipe": recipe_provenance(cfg["config"])}
     if cfg["head"]:
         meta.update(head=list(dataset.CLASS_NAMES), normal_gate=1.0)
     return meta
+
+
+@functools.lru_cache(maxsize=None)
+def recipe_provenance(config_file: str) -> dict:
+    """How a checkpoint was made beyond its settings: the recipe file's name and full text (if any), and the
+    git commit of this code (with dirty = uncommitted changes), so read_checkpoint_meta tells it exactly."""
+    import subprocess
+    here = Path(__file__).resolve().parent
+    from cli import recipe_chain
+    out = {"file": config_file, "text": "", "git_commit": "", "git_dirty": None}
+    if config_file:  # the recipe's text, after the text of each file it builds on (base = ...)
+        try:
+            out["text"] = "".join(f"# ---- {p}\n{p.read_text(encoding='utf-8')}" for p in recipe_chain(config_file))
+        except OSError:
+            pass
+    try:
+        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                           timeout=10).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                capture_output=True, text=True, timeout=10)
+        out["git_dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -341,6 +384,8 @@ def make_batch(idx: torch.Tensor, variant: torch.Tensor, g: torch.Generator, ima
     x = images_dev[idx].float() / 255.0
     y = targets_dev[idx].float()
     aug = (variant > 0).to(images_dev.device)
+    if aug_cfg == AugmentConfig.preset("none"):
+        aug = torch.zeros_like(aug)
     if bool(aug.any()):
         xa, ya = augment_batch(x[aug], y[aug], g, aug_cfg)
         x[aug], y[aug] = xa, ya
@@ -487,7 +532,7 @@ def setup_run(cfg: dict, dev: torch.device, rank: int, world: int) -> RunState:
         model = convert_sync_bn(model, dev)
     opt = make_optimizer(cfg, model.parameters())
     global_batch = cfg["batch_size"] * world
-    sched = make_scheduler(cfg, opt, len(train) * cfg["expand"] // global_batch)
+    sched = make_scheduler(cfg, opt, epoch_draws(cfg, len(train)) // global_batch)
     run = RunState(cfg, dev, rank, world, out, train, val, split_path, model, opt, sched, make_loss(cfg),
                    AugmentConfig.preset(cfg["augment"]), global_batch)
     if cfg["resume"]:
@@ -576,10 +621,18 @@ def ctrl_c_stops(run: RunState):
 
 # ---- the steps of an epoch
 
+def epoch_draws(cfg: dict, n_train: int) -> int:
+    """Draws in one epoch: draws_per_epoch when set, else every training image expand times."""
+    return cfg["draws_per_epoch"] or n_train * cfg["expand"]
+
+
 def epoch_order(run: RunState, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The epoch's draws: (image index, augmentation variant) each, the same for any number of processes."""
     cfg = run.cfg
     idx, variant = expanded_order(len(run.train), cfg["expand"], epoch_generator(cfg["seed"], epoch))
+    if cfg["draws_per_epoch"]:  # a fixed budget: the shuffled expanded set, repeated or cut to this many draws
+        reps = -(-cfg["draws_per_epoch"] // len(idx))
+        idx, variant = idx.repeat(reps)[:cfg["draws_per_epoch"]], variant.repeat(reps)[:cfg["draws_per_epoch"]]
     if cfg["balance_sources"]:
         idx = balanced_order(run.train, idx, epoch_generator(cfg["seed"], epoch, -2))
     return idx, variant
@@ -888,11 +941,15 @@ def default_settings(**overrides) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cli import parse_settings
-    cfg = parse_settings(__file__, argv, __doc__)
+    from cli import RecipeError, parse_settings
     rank = dist_info()[0]
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = parse_settings(__file__, argv, __doc__)
+    except RecipeError as e:
+        log.error("%s", e)
+        return 2
     try:
         train_model(cfg)
     except (DataError, CheckpointError, WeightsUnavailableError, TrainingError) as e:
