@@ -25,11 +25,12 @@ from model import load_checkpoint, save_checkpoint
 
 def ship(src: str, out: str, split: str, half: bool = True, threshold: float | None = None,
          min_area: float | None = None, normal_gate: float | None = None,
-         uncertainty_cutoff: float | None = None, gate_keep: float | None = None) -> dict:
+         uncertainty_cutoff: float | None = None, gate_keep: float | None = None, recipe: dict | None = None) -> dict:
     """Write src as the shipped file out (fp16 unless half=False), its split copied to split; threshold,
     min_area and normal_gate, if given (chosen together on the validation split with evaluate.py
     --tune_threshold), replace the stored ones; uncertainty_cutoff (chosen on the validation split with
-    evaluate.py --uncertainty) is stored with the uncertainty method it belongs to."""
+    evaluate.py --uncertainty) is stored with the uncertainty method it belongs to; recipe (file, text, git_commit:
+    train.recipe_provenance) replaces the stored one, for files trained before recipes were stored."""
     if threshold is not None and not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold must lie between 0 and 1, got {threshold}")
     if min_area is not None and not min_area >= 0:
@@ -57,6 +58,8 @@ def ship(src: str, out: str, split: str, half: bool = True, threshold: float | N
         if not 0.0 < gate_keep <= 1.0:
             raise ValueError(f"gate_keep must lie in (0, 1], got {gate_keep}")
         meta["gate_keep"] = float(gate_keep)
+    if recipe is not None:
+        meta["recipe"] = recipe
     if uncertainty_cutoff is not None:
         from uncertainty import METHOD
         meta.update(uncertainty_cutoff=float(uncertainty_cutoff), uncertainty_method=METHOD)

@@ -821,3 +821,60 @@ def test_evaluate_a_multi_source_split_on_one_source(tmp_path, phantom_tree):
         rows = list(csv.DictReader(f))
     assert sorted(r["file"] for r in rows) == sorted(k for k in split["val"] if k.startswith("b/"))
     assert summary["all"]["n_images"] == len(rows)
+
+
+# ---- the normal gate under a recall floor (issue 23): synthetic head outputs
+
+def _gate_case(lesion_conf: float = 0.6):
+    """50 lesion images (5 of them with the head sure they are normal, as on an unfamiliar scanner) and 10
+    normal images given a faint lesion; every mask covers 80 of its lesion's 100 pixels."""
+    from types import SimpleNamespace
+    one = lambda a: np.full((1, 1), float(a))  # noqa: E731  (thresholds x min areas = 1 x 1)
+    counts, heads, samples, masks = [], [], [], []
+    for i in range(60):
+        lesion = i < 50
+        area = 100.0 if lesion else 50.0
+        counts.append((one(80 if lesion else 0), one(area), np.zeros((1, 1), int), one(lesion_conf * area), one(area)))
+        heads.append((0.95 if (not lesion or i < 5) else 0.05, 0.3))
+        samples.append(SimpleNamespace(label="benign" if lesion else "normal"))
+        masks.append(np.ones(100, bool) if lesion else np.zeros(100, bool))
+    return counts, SimpleNamespace(samples=samples, full_masks=masks), heads
+
+
+def test_the_gate_never_clears_more_lesion_images_than_the_recall_floor():
+    counts, data, heads = _gate_case()
+    sweep = ev._sweep_rows(counts, data, heads, (0.5,), (0.0,), ev.GATE_GRID)
+    by_gate = {r["normal_gate"]: r for r in sweep}
+    assert by_gate[0.9]["cleared_share"] == pytest.approx(0.1) and by_gate[1.0]["cleared_share"] == 0.0
+    assert by_gate[0.9]["dice_all_b"] > by_gate[1.0]["dice_all_b"] + 0.05  # the gate pays on the all-image Dice
+    assert ev.choose_setting(sweep)["normal_gate"] == 0.9  # ... so without a floor it is chosen
+    for floor in (0.0, 0.02, 0.05):
+        chosen = ev.choose_setting(sweep, recall_floor=floor)
+        assert chosen["cleared_share"] <= floor and chosen["normal_gate"] == 1.0
+    assert ev.choose_setting(sweep, recall_floor=0.1)["normal_gate"] == 0.9
+
+
+def test_the_gate_keeps_confident_masks():
+    counts, data, heads = _gate_case(lesion_conf=0.9)
+    sweep = ev._sweep_rows(counts, data, heads, (0.5,), (0.0,), ev.GATE_GRID, gate_keep=0.8)
+    assert all(r["cleared_share"] == 0.0 and r["normal_fp_share"] == 1.0 for r in sweep)
+    sweep = ev._sweep_rows(counts, data, heads, (0.5,), (0.0,), ev.GATE_GRID, gate_keep=0.95)
+    assert {r["normal_gate"]: r["cleared_share"] for r in sweep}[0.9] == pytest.approx(0.1)
+
+
+def test_evaluate_counts_the_lesion_images_the_gate_erased(phantom_tree, tmp_path):
+    """With a gate at 0 (everything 'normal'), every lesion image with a mask is erased and counted."""
+    import train
+    out = tmp_path / "head"
+    cfg = train.default_settings(data_dir=str(phantom_tree), out_dir=str(out), loss_graph_dir=str(tmp_path),
+                                 epochs=1, image_size=64, expand=1, batch_size=4, progress=False, head=True,
+                                 threshold=0.01)
+    train.train_model(cfg)
+    from cli import settings_with
+    summary = ev.run(settings_with(ROOT / "evaluate.py", checkpoint=str(out / "last.safetensors"),
+                                   out_dir=str(tmp_path / "e"), normal_gate=0.0, threshold=0.01, gallery=0,
+                                   measure=False, bootstrap=0))
+    rows = ev.read_rows(tmp_path / "e" / "per_image.csv")
+    erased = sum(int(float(r["gate_cleared"])) for r in rows if r["true_label"] != "normal")
+    assert summary["figures"]["gate_cleared_lesion"] == erased > 0
+    assert all(float(r["pred_area"]) == 0 for r in rows if float(r["gate_cleared"]))

@@ -252,3 +252,17 @@ def test_bad_pixel_mm_setting_is_a_clear_error(fake_model, tmp_path, caplog):
     assert predict.main([str(dark_disc_png(tmp_path / "s.png")), "--out_dir", str(tmp_path / "o"),
                          "--pixel_mm", "fine"]) == 2
     assert "pixel_mm: pixel size 'fine' is not a number" in caplog.text
+
+
+def test_the_gate_keeps_a_confident_mask_and_asks_for_review():
+    import torch
+    from predict import decide
+    probs = torch.zeros(2, 20, 20)
+    probs[0, 5:15, 5:15] = 0.95
+    says_normal = torch.tensor([0.95, 0.04, 0.01])
+    kept = decide(probs, 0.5, cls_probs=says_normal, normal_gate=0.9, gate_keep=0.8)
+    assert kept.lesion.sum() == 100 and kept.gate_conflict and not kept.gated and kept.label == "benign"
+    erased = decide(probs, 0.5, cls_probs=says_normal, normal_gate=0.9, gate_keep=0.99)
+    assert erased.lesion.sum() == 0 and erased.gated and not erased.gate_conflict and erased.label == "normal"
+    unsure = decide(probs, 0.5, cls_probs=torch.tensor([0.5, 0.4, 0.1]), normal_gate=0.9, gate_keep=0.8)
+    assert unsure.lesion.sum() == 100 and not unsure.gate_conflict and not unsure.gated

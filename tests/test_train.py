@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import csv
+import re
 import json
 
 import numpy as np
 import pytest
+from pathlib import Path
+
 from PIL import Image
 
 import train
+from conftest import ROOT
 from cli import read_settings
 from metrics import dice_iou
 
@@ -138,3 +142,101 @@ def test_make_loss_adds_dice_and_head_terms():
     assert torch.isclose(with_head - bce, 0.5 * torch.log(torch.tensor(3.0)), atol=1e-5)
     with pytest.raises(ValueError, match="loss must be one of"):
         train.make_loss({**base, "loss": "dice"})
+
+
+# ---- recipe files (configs/): python train.py configs/x.py, flags override, provenance in the checkpoint
+
+def _settings():
+    from cli import read_settings
+    return read_settings(ROOT / "train.py")
+
+
+def test_plain_train_py_is_the_original_recipe_file():
+    from cli import parse_settings
+    plain = parse_settings(ROOT / "train.py", [])
+    from_file = parse_settings(ROOT / "train.py", ["configs/original.py"])
+    assert from_file.pop("config") == "configs/original.py" and plain.pop("config") == ""
+    assert from_file == plain
+    assert (plain["image_size"], plain["expand"], plain["optimizer"], plain["lr"], plain["loss"], plain["epochs"]) == \
+        (256, 7, "rmsprop", 0.001, "bce", 200)
+
+
+def test_flags_override_the_recipe_file_and_base_files_chain(tmp_path):
+    from cli import parse_settings
+    base = tmp_path / "base.py"
+    base.write_text('"""doc"""\nimage_size = 96\nepochs = 3  # a comment\nlr = 1\n')
+    arm = tmp_path / "arm.py"
+    arm.write_text(f'base = "{base}"\nepochs = 4\nhead = True\n')
+    cfg = parse_settings(ROOT / "train.py", [str(arm), "--epochs", "9", "--no-head"])
+    assert (cfg["image_size"], cfg["epochs"], cfg["head"], cfg["lr"], cfg["config"]) == (96, 9, False, 1.0, str(arm))
+    assert isinstance(cfg["lr"], float)
+    cfg = parse_settings(ROOT / "train.py", ["--config", str(arm)])
+    assert (cfg["epochs"], cfg["head"]) == (4, True)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("imag_size = 96\n", "2: unknown setting 'imag_size'"),
+    ("epochs = 'ten'\n", "epochs = 'ten' but the setting is a int"),
+    ("import os\n", "a recipe holds only `name = value` lines"),
+    ("epochs = 2 * 3\n", "must be a literal value"),
+    ("epochs = (\n", "not valid Python"),
+])
+def test_a_bad_recipe_file_is_refused_naming_file_and_line(tmp_path, text, message):
+    from cli import RecipeError, read_recipe
+    f = tmp_path / "bad.py"
+    f.write_text('"""doc"""\n' + text if "unknown" in message else text)
+    with pytest.raises(RecipeError, match=re.escape(message)) as e:
+        read_recipe(f, _settings())
+    assert str(f) in str(e.value)
+    assert train.main([str(f), "--max_steps", "1"]) == 2
+
+
+def test_every_recipe_file_parses():
+    from cli import read_recipe
+    recipes = sorted((ROOT / "configs").rglob("*.py"))
+    assert len(recipes) >= 8
+    for r in recipes:
+        read_recipe(r, _settings())
+
+
+def _phantom_overrides(recipe: str, cfg: dict, phantom_tree, second_tree, tmp_path, stage_dirs: dict) -> list[str]:
+    """Flags that run a recipe on phantoms for one step: its data, folders and earlier stages replaced."""
+    args = ["--out_dir", str(tmp_path / Path(recipe).stem), "--loss_graph_dir", str(tmp_path / "lg"), "--split_file",
+            "", "--max_steps", "1", "--epochs", "1", "--draws_per_epoch", "4", "--image_size", "64", "--batch_size", "4",
+            "--num_threads", "2", "--no-progress",
+            "--no-cpu_bf16"]
+    if cfg["sources"]:
+        args += ["--sources", f"a={phantom_tree};b={second_tree}"]
+    else:
+        args += ["--data_dir", str(phantom_tree)]
+    if cfg["init_from"]:
+        args += ["--init_from", stage_dirs[cfg["init_from"]]]
+    return args
+
+
+def test_every_recipe_trains_one_step_on_phantoms_and_the_checkpoint_names_it(phantom_tree, tmp_path):
+    """Each recipe in configs/ with --max_steps 1 on phantoms (a stage that starts from an earlier stage's weights
+    gets that stage's phantom run); the checkpoint stores the recipe's name, text and the git commit."""
+    import model
+    from cli import parse_settings
+    from phantom import write_busi_tree
+    second = write_busi_tree(tmp_path / "second", per_class=4, height=80, width=96, seed=5)
+    recipes = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.py"))
+    stage_dirs: dict[str, str] = {}
+    pending = list(recipes)
+    while pending:
+        recipe = pending.pop(0)
+        cfg = parse_settings(ROOT / "train.py", [recipe])
+        if cfg["init_from"] and cfg["init_from"] not in stage_dirs:
+            assert any(parse_settings(ROOT / "train.py", [r])["out_dir"] in cfg["init_from"] for r in pending), recipe
+            pending.append(recipe)  # its earlier stage runs first
+            continue
+        args = _phantom_overrides(recipe, cfg, phantom_tree, second, tmp_path, stage_dirs)
+        assert train.main([recipe, *args]) == 0, recipe
+        out = tmp_path / Path(recipe).stem
+        for which in ("last", "best"):
+            stage_dirs[str(Path(cfg["out_dir"]) / f"{which}.safetensors")] = str(out / f"{which}.safetensors")
+        meta = model.read_checkpoint_meta(out / "last.safetensors")
+        assert meta["recipe"]["file"] == recipe and meta["train_config"]["config"] == recipe
+        assert (ROOT / recipe).read_text() in meta["recipe"]["text"]
+        assert len(meta["recipe"]["git_commit"]) in (0, 40)

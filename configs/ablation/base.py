@@ -4,7 +4,7 @@ EfficientNet-Lite0 (ImageNet), 128 px, BCE + soft Dice of the union of the lesio
 augmentation, AdamW one-cycle; 5 epochs of 1200 draws (6000 images seen) on every fold, whatever its size.
 Each arm in this folder builds on this file and changes one thing. Run: python ablation.py
 """
-sources = "busi=../shared/data/BUSI;bus-uclm=../shared/data/BUS-UCLM/manifest.csv;bus-bra=../shared/data/BUS-BRA/manifest.csv"
+sources = "busi=data/BUSI;bus-uclm=data/BUS-UCLM/manifest.csv;bus-bra=data/BUS-BRA/manifest.csv"
 encoder = "efficientnet-lite0"
 encoder_weights = "imagenet"
 image_size = 128

@@ -1,0 +1,120 @@
+"""loso.py and ablation.py on three tiny synthetic sources: the held-out source never trains, validates or tunes;
+the table has one row per held-out source; a resumed run skips finished folds."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import loso
+from cli import settings_with
+from conftest import ROOT
+
+
+@pytest.fixture(scope="module")
+def three_sources(tmp_path_factory):
+    from phantom import write_busi_tree
+    root = tmp_path_factory.mktemp("loso")
+    trees = {n: write_busi_tree(root / n, per_class=4, height=80, width=96, seed=10 * i)
+             for i, n in enumerate(("alpha", "beta", "gamma"))}
+    recipe = root / "recipe.py"
+    recipe.write_text('base = "configs/ablation/base.py"\n'
+                      f'sources = "{";".join(f"{n}={p}" for n, p in trees.items())}"\n'
+                      'encoder_weights = ""\nimage_size = 64\nepochs = 1\ndraws_per_epoch = 8\nbatch_size = 4\n'
+                      'head = True\n')
+    return root, recipe
+
+
+@pytest.fixture(scope="module")
+def loso_run(three_sources):
+    root, recipe = three_sources
+    cfg = settings_with(ROOT / "loso.py", recipe=str(recipe), out_dir=str(root / "out"),
+                        split_dir=str(root / "splits"), bootstrap=20)
+    return root, cfg, loso.run(cfg)
+
+
+def test_one_row_per_held_out_source(loso_run):
+    root, _, folds = loso_run
+    assert [f["held_out"] for f in folds] == ["alpha", "beta", "gamma"]
+    table = (root / "out" / "loso.md").read_text()
+    for name in ("alpha", "beta", "gamma"):
+        assert table.count(f"| **{name}** |") == 1
+    saved = json.loads((root / "out" / "loso.json").read_text())
+    assert [f["held_out"] for f in saved["folds"]] == ["alpha", "beta", "gamma"]
+    for f in folds:
+        assert f["n_images"] == 12 and f["n_lesion"] == 8 and f["n_normal"] == 4  # all of the held-out source
+        assert f["intervals"]["lesion_dice"] is not None and "gate_cleared_lesion" in f
+
+
+def test_the_held_out_source_never_trains_validates_or_tunes(loso_run):
+    import model
+    root, _, folds = loso_run
+    for f in folds:
+        out = f["held_out"]
+        fold_dir = root / "out" / out
+        split = json.loads((root / "splits" / f"without_{out}.json").read_text())
+        keys = [k for part in ("train", "val") for k in split[part]]
+        assert keys and not any(k.startswith(f"{out}/") for k in keys)
+        meta = model.read_checkpoint_meta(fold_dir / "model.safetensors")
+        assert out not in meta["train_config"]["sources"] and meta["storage"] == "fp16"
+        tuned = json.loads((fold_dir / "tuned.json").read_text())
+        assert out not in tuned["tuned_on"]
+        val_rows = (fold_dir / "eval_val" / "per_image.csv").read_text().splitlines()[1:]
+        assert val_rows and not any(r.startswith(f"{out}/") for r in val_rows)
+        held_rows = (fold_dir / "eval_heldout" / "per_image.csv").read_text().splitlines()[1:]
+        assert len(held_rows) == 12 and all(r.startswith(f"{out}/") for r in held_rows)
+
+
+def test_a_resumed_run_skips_finished_folds(loso_run, monkeypatch):
+    import train
+    _, cfg, folds = loso_run
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished fold was trained again")
+    monkeypatch.setattr(train, "train_model", no_training)
+    monkeypatch.setattr(loso, "stage_tune", no_training)
+    monkeypatch.setattr(loso, "stage_eval", no_training)
+    assert [f["lesion_dice"] for f in loso.run(cfg)] == [f["lesion_dice"] for f in folds]
+
+
+def test_an_unfinished_fold_resumes_its_training(three_sources, monkeypatch):
+    root, recipe = three_sources
+    cfg = settings_with(ROOT / "loso.py", recipe=str(recipe), out_dir=str(root / "resume"),
+                        split_dir=str(root / "splits"), holdout="alpha", stages="train", train_args="--epochs 2")
+    import train
+    real = train.train_model
+    calls = []
+
+    def first_epoch_only(tcfg):
+        calls.append(tcfg["resume"])
+        return real({**tcfg, "epochs": 1} if len(calls) == 1 else tcfg)
+    monkeypatch.setattr(train, "train_model", first_epoch_only)
+    with pytest.raises(train.TrainingError, match="stopped before its last epoch"):
+        loso.run(cfg)
+    loso.run(cfg)
+    assert calls == [False, True]
+    rows = train.read_log(root / "resume" / "alpha" / "run" / "log.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+
+
+def test_unknown_held_out_source_is_refused(three_sources):
+    from dataset import DataError
+    root, recipe = three_sources
+    with pytest.raises(DataError, match="--holdout delta: not a source of the recipe"):
+        loso.run(settings_with(ROOT / "loso.py", recipe=str(recipe), out_dir=str(root / "x"), holdout="delta"))
+
+
+def test_ablation_table_compares_arms_on_the_same_folds(loso_run, tmp_path):
+    import ablation
+    root, _, _ = loso_run
+    out = tmp_path / "abl"
+    for arm, shift in (("base", 0.0), ("head01", 0.1)):
+        for fold in ("alpha", "beta"):
+            (out / arm / fold).mkdir(parents=True)
+            rec = json.loads((root / "out" / fold / "fold.json").read_text())
+            rec["lesion_dice"] = 0.5 + shift
+            (out / arm / fold / "fold.json").write_text(json.dumps(rec))
+    rows = ablation.arm_rows(out, ["base", "head01"], ["alpha", "beta"])
+    text = ablation.format_table(rows, ["alpha", "beta"])
+    assert text.splitlines()[2].startswith("| `head01` |") and "+0.100" in text
+    assert [r["complete"] for r in rows] == [True, True]
