@@ -10,7 +10,8 @@ PNG, JPEG, BMP, TIFF and DICOM files by drag and drop or a file picker. For each
 outline in the class colour, the diameters), a filled mask or the uncertainty map, the label, the malignancy
 probability, every lesion's measurements and shape cues (mm when the pixel size is known: DICOM headers, or
 the pixel size typed in the page), the uncertainty score and review flag, and downloads of the mask PNG, the
-overlay, the predictions.csv row and the <name>_lesions.json of predict.py. The model (any .safetensors file in
+overlay, the predictions.csv row and the <name>_lesions.json of predict.py; for a DICOM upload also the DICOM
+Segmentation and measurement report (SR) of predict.py --dicom_out (dicom_out.py). The model (any .safetensors file in
 checkpoint_dir) and the threshold can be changed and the results update. Dragging a box on an image asks
 LiteMedSAM (box_prompt.py) for a mask inside it; the measurements then describe that mask.
 
@@ -20,7 +21,9 @@ run one request at a time. Every upload is a request of its own (the file's byte
 gets its own message and the others go on. Uploads are refused above max_upload_mb (before being read) and
 max_pixels (from the header, before decoding). A browser-sent file name is only shown and written into the
 CSV/JSON; the bytes are decoded from a temporary file with a name the server makes, deleted at once. Recent
-images stay in memory (keep_megapixels) for the threshold, the model choice and box prompts.
+images stay in memory (keep_megapixels) for the threshold, the model choice and box prompts; of a DICOM file also
+the part of its header that its SEG and SR carry (dicom_out.source_header: patient and study identification, the
+image's UIDs), which goes into those two downloads only.
 """
 from __future__ import annotations
 
@@ -158,24 +161,45 @@ def _decode_file(path: Path, dicom: bool, frame: int, limit: int, size: PixelSiz
     return grey, geometry, (index if geometry.n_frames > 1 else None), box
 
 
+def _named(e: Exception, tmp: str, name: str) -> str:
+    """An error message about the temporary file, naming the upload instead."""
+    message = str(e).replace(tmp, name)
+    return message if message.startswith(name) else f"{name}: {message}"
+
+
+@dataclass
+class Upload:
+    """A decoded upload: predict.py's Frame and, for DICOM, what its SEG and SR need (or why there are none)."""
+    frame: predict.Frame
+    header: object = None     # dicom_out.source_header of a DICOM upload
+    no_dicom_out: str = ""    # why a DICOM upload gets no SEG/SR (its header cannot be referenced)
+
+
 def decode_upload(data: bytes, name: str, frame: int, limit: int, size: PixelSize | None, crop: bool,
-                  tmp_dir: str) -> predict.Frame:
-    """The uploaded bytes as predict.py's Frame; problems become an UploadError naming the file, not the
-    temporary path. The bytes go to a file named by the server, removed before returning."""
+                  tmp_dir: str) -> Upload:
+    """The uploaded bytes as predict.py's Frame (and a DICOM file's header for its SEG and SR); problems become
+    an UploadError naming the file, not the temporary path. The bytes go to a file named by the server, removed
+    before returning."""
     if not data:
         raise UploadError(f"{name}: empty file (0 bytes)")
     dicom = _looks_dicom(data, name)
     fd, tmp = tempfile.mkstemp(suffix=".dcm" if dicom else ".img", dir=tmp_dir)
+    header, problem = None, ""
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         grey, geometry, index, box = _decode_file(Path(tmp), dicom, frame, limit, size, crop)
+        if dicom:
+            from dicom_out import source_header
+            try:
+                header = source_header(tmp)
+            except DicomError as e:  # the result is still shown; only the SEG/SR downloads are missing
+                problem = _named(e, tmp, name)
     except (DataError, DicomError) as e:
-        message = str(e).replace(tmp, name)
-        raise UploadError(message if message.startswith(name) else f"{name}: {message}") from None
+        raise UploadError(_named(e, tmp, name)) from None
     finally:
         Path(tmp).unlink(missing_ok=True)
-    return predict.Frame(Path(name), index, grey, geometry, box)
+    return Upload(predict.Frame(Path(name), index, grey, geometry, box), header, problem)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -187,6 +211,7 @@ class Model:
     predictor: object
     meta: dict
     cutoff: float | None  # review cut-off of the uncertainty score (None: none stored)
+    path: Path | None = None  # the checkpoint file (named in the DICOM SEG and SR)
 
 
 @dataclass
@@ -196,6 +221,8 @@ class Entry:
     frame: predict.Frame
     n_frames: int
     embedding: object = None  # LiteMedSAM's image embedding, made at the first box
+    header: object = None     # a DICOM upload's header for its SEG and SR (dicom_out.source_header)
+    no_dicom_out: str = ""    # why a DICOM upload gets no SEG and SR
 
 
 class State:
@@ -234,7 +261,7 @@ class State:
             predictor, meta = predict.load_predictor(str(self.checkpoints[name]), dev)
             from uncertainty import stored_cutoff
             cutoff = stored_cutoff(meta) if self.cfg["uncertainty"] else None
-            self.models[name] = Model(predictor, meta, cutoff)
+            self.models[name] = Model(predictor, meta, cutoff, self.checkpoints[name])
         return self.models[name]
 
     def box_prompter(self):
@@ -301,8 +328,25 @@ def _lesion_view(lesion: dict) -> dict:
     return {**lesion, "size_text": size_text(lesion)}
 
 
+def dicom_downloads(entry: Entry, ro: predict.Readout, thr: float, model: Model, stem: str) -> dict | None:
+    """A DICOM upload's SEG and SR (dicom_out.py) as data URLs with their file names, or {"error": why not};
+    None for other files."""
+    if entry.header is None:
+        return {"error": entry.no_dicom_out} if entry.no_dicom_out else None
+    import dicom_out
+    try:
+        seg, sr = dicom_out.dicom_objects(entry.header, entry.frame.index, ro, dicom_out.ModelInfo.of(model.path, thr),
+                                          predict.mask_source(ro))
+    except DicomError as e:
+        return {"error": f"{entry.name}: {e}"}
+    url = "data:application/dicom;base64,"
+    return {"seg": url + base64.b64encode(dicom_out.to_bytes(seg)).decode("ascii"), "seg_file": f"{stem}_seg.dcm",
+            "sr": url + base64.b64encode(dicom_out.to_bytes(sr)).decode("ascii"), "sr_file": f"{stem}_sr.dcm"}
+
+
 def result_json(key: str, entry: Entry, ro: predict.Readout, model_name: str, thr: float, model: Model) -> dict:
-    """Everything the page shows for one image, and its downloads (mask PNG, overlay, CSV row, lesion JSON)."""
+    """Everything the page shows for one image, and its downloads (mask PNG, overlay, CSV row, lesion JSON; for a
+    DICOM upload its SEG and SR)."""
     fr, d = entry.frame, ro.decision
     stem = download_stem(entry.name) + ("" if fr.index is None else f"_f{fr.index:03d}")
     names = {"mask": f"{stem}_mask.png", "overlay": f"{stem}_overlay.png", "lesions_json": f"{stem}_lesions.json"}
@@ -321,7 +365,7 @@ def result_json(key: str, entry: Entry, ro: predict.Readout, model_name: str, th
         "pixel_size": report["image"].get("pixel_spacing"), "uncertainty": ro.uncertainty, "review": ro.review,
         "uncertainty_cutoff": model.cutoff, "mask_source": predict.mask_source(ro), "box": ro.box,
         "note": report["note"], "images": _pictures(fr, ro, extra), "csv": csv_text(row), "report": report,
-        "files": names})
+        "files": names, "dicom": dicom_downloads(entry, ro, thr, model, stem)})
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -357,8 +401,9 @@ def handle_upload(state: State, data: bytes, params: dict) -> dict:
         raise UploadError(f"{name}: frame {params.get('frame')!r} is not a whole number") from None
     size = page_pixel_size(params.get("pixel_mm", ""), state.cfg["pixel_mm"])
     limit = min(int(state.cfg["max_pixels"]), MAX_IMAGE_PIXELS)
-    fr = decode_upload(data, name, frame, limit, size, state.cfg["dicom_crop"], state.tmp.name)
-    entry = Entry(name, fr, fr.geometry.n_frames)
+    upload = decode_upload(data, name, frame, limit, size, state.cfg["dicom_crop"], state.tmp.name)
+    fr = upload.frame
+    entry = Entry(name, fr, fr.geometry.n_frames, header=upload.header, no_dicom_out=upload.no_dicom_out)
     with state.lock:
         ro, model_name, model, thr = _readout(state, entry, params)
         key = state.keep(entry)
@@ -400,6 +445,7 @@ def handle_box(state: State, params: dict) -> dict:
 def config_json(state: State) -> dict:
     from box_prompt import NAME, available
     return {"models": list(state.checkpoints), "model": state.default_model,
+            "cards": [n for n, p in state.checkpoints.items() if p.with_suffix(".md").is_file()],
             "max_upload_mb": state.cfg["max_upload_mb"], "max_pixels": min(int(state.cfg["max_pixels"]),
                                                                             MAX_IMAGE_PIXELS),
             "max_files": state.cfg["max_files"], "uncertainty": state.cfg["uncertainty"],
@@ -444,12 +490,24 @@ class Handler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         if path == "/api/config":
             return self._json(config_json(self.state))
+        if path == "/card":
+            return self._card(parse_qs(urlsplit(self.path).query).get("model", [""])[0])
         if path not in STATIC:
             return self._json({"error": f"not found: {path[:100]}"}, 404)
         filename, ctype = STATIC[path]
         self._send(200, (WEB / filename).read_bytes(), ctype)
 
     do_HEAD = do_GET
+
+    def _card(self, name: str) -> None:
+        """The model card (<checkpoint>.md beside the file, reproduce.py writes it) of a model the page offers."""
+        if name not in self.state.checkpoints:
+            return self._json({"error": f"unknown model {name[:100]!r}"}, 404)
+        card = self.state.checkpoints[name].with_suffix(".md")
+        if not card.is_file():
+            return self._json({"error": f"{name} has no model card ({card.name}); write one with "
+                                        f"python reproduce.py <model> --stages card"}, 404)
+        self._send(200, card.read_bytes(), "text/plain; charset=utf-8")
 
     def _drain(self, length: int, cap: int) -> None:
         """Read and drop a refused body (up to cap bytes), so that the browser gets to see the answer."""

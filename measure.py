@@ -183,15 +183,24 @@ def measure_region(region, pixel_size_at: PixelSizeAt | None = None) -> dict:
     }
 
 
-def measure_lesions(mask: np.ndarray, pixel_size_at: PixelSizeAt | None = None) -> list[dict]:
-    """One dict per lesion (8-connected component of the mask, as predict.remove_small counts them), the
-    largest first, numbered from 1."""
+def lesion_labels(mask: np.ndarray) -> np.ndarray:
+    """The lesions of a mask as an int32 label image: 0 outside, k inside the lesion that measure_lesions numbers
+    k (8-connected components, as predict.remove_small counts them; the largest first)."""
     from skimage.measure import label, regionprops
+    components = label(np.asarray(mask, bool), connectivity=2)
+    order = np.zeros(components.max() + 1, np.int32)
+    for i, r in enumerate(sorted(regionprops(components), key=lambda r: (-r.area, r.bbox)), start=1):
+        order[r.label] = i
+    return order[components]
+
+
+def measure_lesions(mask: np.ndarray, pixel_size_at: PixelSizeAt | None = None) -> list[dict]:
+    """One dict per lesion (lesion_labels), the largest first, numbered from 1."""
+    from skimage.measure import regionprops
     mask = np.asarray(mask, bool)
     if not mask.any():
         return []
-    regions = sorted(regionprops(label(mask, connectivity=2)), key=lambda r: (-r.area, r.bbox))
-    return [{"lesion": i, **measure_region(r, pixel_size_at)} for i, r in enumerate(regions, start=1)]
+    return [{"lesion": int(r.label), **measure_region(r, pixel_size_at)} for r in regionprops(lesion_labels(mask))]
 
 
 def cue_values(lesion: dict | None) -> dict[str, float]:

@@ -6,6 +6,7 @@
     python predict.py exam.dcm --uncertainty --dicom_crop  # DICOM: sizes in mm from its header
     python predict.py scans/ --pixel_mm 0.08               # PNG/JPEG with a known pixel size (or a CSV file,mm)
     python predict.py "scan 1.png" --box 120,80,260,190    # the mask from LiteMedSAM for this box (box_prompt.py)
+    python predict.py exam/ --dicom_out                    # DICOM: also a DICOM SEG and SR per frame (dicom_out.py)
 
 Inputs: PNG, JPEG, BMP, TIFF and DICOM (.dcm, and files without an extension that start like DICOM); each
 frame of a multi-frame DICOM is an image of its own (or only `frame`). For each image it writes, into out_dir:
@@ -17,7 +18,9 @@ label, confidence, malignancy probability P(malignant | lesion), the head's prob
 (models with a classification head), lesion area in pixels and as a fraction, mean lesion probability, the
 number of lesions and the measurements of the largest, the pixel size and its source, the uncertainty score and
 the review flag). The shape cues are descriptors computed from a predicted mask, not a diagnosis and not a
-BI-RADS category; every output says so.
+BI-RADS category; every output says so. With --dicom_out, each frame of a DICOM input also gets <name>_seg.dcm (a
+DICOM Segmentation of its lesions) and <name>_sr.dcm (a TID 1500 measurement report), new instances of the
+source's patient and study (dicom_out.py); the other outputs still carry nothing of the header but its geometry.
 Threshold, minimum lesion area, the head's normal gate and the uncertainty cut-off come from the checkpoint.
 Image size, normalization, classes and threshold come from the checkpoint, never from flags that could
 disagree with training. A bad file is reported and skipped; the others are still written; the exit code
@@ -60,6 +63,7 @@ dicom_crop = False                                          # DICOM: segment onl
 uncertainty = False                                         # test-time-augmentation uncertainty: per-pixel map (<name>_uncertainty.png), score per image, review flag
 uncertainty_cutoff = -1.0                                   # review when the uncertainty score is above this; < 0 uses the checkpoint's (none stored: no flag)
 box = ""                                                    # x0,y0,x1,y1 in pixels: the mask is LiteMedSAM's for this box (box_prompt.py), not the network's; label and malignancy stay the network's
+dicom_out = False                                           # DICOM inputs: also a DICOM Segmentation (<name>_seg.dcm) and measurement report SR (<name>_sr.dcm) per frame for OHIF, 3D Slicer or a PACS (dicom_out.py); they carry the source's patient and study identification
 # ---- end of settings
 
 OUTLINE_COLOURS = {"benign": (60, 220, 60), "malignant": (240, 50, 50)}
@@ -341,7 +345,7 @@ LESION_COLUMNS = {"long_diameter_px": ("long_diameter", "px"),
 CSV_FIELDS = ["file", "frame", "label", "confidence", "malignancy_probability", "normal_probability", "lesion_area_px",
               "lesion_area_fraction", "mean_lesion_probability", "width", "height", "n_lesions", *LESION_COLUMNS,
               "pixel_mm_row", "pixel_mm_col", "pixel_size_source", "uncertainty", "review", "mask", "overlay",
-              "lesions_json", "note", "error"]
+              "lesions_json", "dicom_seg", "dicom_sr", "note", "error"]
 
 
 def _fmt(v: float) -> str:
@@ -477,9 +481,12 @@ def lesion_report(fr: Frame, ro: Readout, cutoff: float | None, names: dict[str,
             "lesions": ro.lesions}
 
 
-def write_readout(fr: Frame, ro: Readout, out: Path, stem: str, cutoff: float | None) -> dict:
-    """Mask, overlay, uncertainty picture and JSON of one frame into out; returns its CSV row."""
-    names = {"mask": f"{stem}_mask.png", "overlay": f"{stem}_overlay.png", "lesions_json": f"{stem}_lesions.json"}
+def write_readout(fr: Frame, ro: Readout, out: Path, stem: str, cutoff: float | None,
+                  written: dict[str, str] | None = None) -> dict:
+    """Mask, overlay, uncertainty picture and JSON of one frame into out; returns its CSV row. written: the names
+    of files already written for it (dicom_seg, dicom_sr), listed in the JSON and the CSV."""
+    names = {"mask": f"{stem}_mask.png", "overlay": f"{stem}_overlay.png", "lesions_json": f"{stem}_lesions.json",
+             **(written or {})}
     Image.fromarray(ro.decision.lesion.astype(np.uint8) * 255).save(out / names["mask"])
     extra = "  mask: box prompt" if ro.box is not None else ""
     if ro.uncertainty == ro.uncertainty:
@@ -516,16 +523,26 @@ class _Job:
     cutoff: float | None
     size_of: object
     out: Path
+    model: object = None      # dicom_out.ModelInfo with --dicom_out
+    numbering: object = None  # dicom_out.Numbering with --dicom_out: the run's SEG and SR series
 
 
 def predict_file(job: _Job, path: Path, writer: csv.DictWriter, used: set[str]) -> int:
     """Every frame of one input into out and the CSV; a bad file is an error row. Returns 1 if it failed."""
     from measure import size_text
+    header = None  # --dicom_out: what the SEG and SR take from the source (dicom_out.source_header)
     try:
-        for fr in read_inputs(path, job.cfg, job.size_of):
+        for fr in read_inputs(path, job.cfg, job.size_of):  # a bad file fails here first, with dicom_io's message
+            if job.model is not None and header is None and is_dicom(path):
+                from dicom_out import source_header
+                header = source_header(path)
             ro = read_out(fr, job.predictor, job.meta, job.threshold, job.cfg, job.cutoff)
             stem = _unique_stem(path, used, "" if fr.index is None else f"_f{fr.index:03d}")
-            writer.writerow(write_readout(fr, ro, job.out, stem, job.cutoff))
+            written = {}
+            if header is not None:
+                from dicom_out import write_dicom_out
+                written = write_dicom_out(fr, ro, header, job.model, job.out, stem, mask_source(ro), job.numbering)
+            writer.writerow(write_readout(fr, ro, job.out, stem, job.cutoff, written))
             log.info("%s%s: %s (%.2f), %d lesion(s)%s", path, "" if fr.index is None else f" frame {fr.index}",
                      ro.decision.label, ro.decision.confidence, len(ro.lesions),
                      f", largest {size_text(ro.lesions[0])}" if ro.lesions else "")
@@ -550,6 +567,13 @@ def run(cfg: dict) -> int:
     out = Path(cfg["out_dir"])
     out.mkdir(parents=True, exist_ok=True)
     job = _Job(cfg, predictor, meta, thr, review_cutoff(cfg, meta), size_of, out)
+    if cfg["dicom_out"]:
+        from dicom_out import ModelInfo, Numbering
+        job.model, job.numbering = ModelInfo.of(cfg["checkpoint"], thr), Numbering()
+        plain = sum(not is_dicom(f) for f in files)
+        if plain:
+            log.info("--dicom_out: %d input(s) are not DICOM and get no SEG/SR (no DICOM study to attach them to)",
+                     plain)
     csv_path = out / "predictions.csv"
     failures, used = 0, set()
     from tqdm import tqdm

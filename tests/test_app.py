@@ -73,6 +73,20 @@ def test_the_page_and_its_files_are_served_from_here_only(served):
     assert cfg["max_upload_mb"] == 2.0 and cfg["max_files"] == 20 and cfg["box_prompt"] is True
 
 
+def test_the_page_serves_the_card_of_the_chosen_model(served):
+    url, _ = served
+    status, cfg = call(url, "api/config")
+    assert sorted(cfg["cards"]) == sorted(m for m in cfg["models"] if (ROOT / "checkpoints" / m).with_suffix(".md").is_file())
+    assert CHECKPOINT.name in cfg["cards"]
+    with urllib.request.urlopen(url + "card?model=" + CHECKPOINT.name) as r:
+        assert r.headers["Content-Type"].startswith("text/plain")
+        assert r.read().decode() == CHECKPOINT.with_suffix(".md").read_text(encoding="utf-8")
+    for bad in ("../README.md", "busi_unet_resnet18.md", ""):
+        status, r = call(url, "card?model=" + bad)
+        assert status == 404 and "unknown model" in r["error"]
+    assert 'id="card"' in (ROOT / "web" / "index.html").read_text() and "/card?" in (ROOT / "web" / "app.js").read_text()
+
+
 def test_a_real_sample_gives_label_measurements_pictures_and_downloads(sample_result):
     r = sample_result
     assert r["label"] in ("benign", "malignant", "normal") and 0 <= r["confidence"] <= 1

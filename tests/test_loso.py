@@ -85,10 +85,10 @@ def test_an_unfinished_fold_resumes_its_training(three_sources, monkeypatch):
     real = train.train_model
     calls = []
 
-    def first_epoch_only(tcfg):
+    def interrupted_once(tcfg):
         calls.append(tcfg["resume"])
-        return real({**tcfg, "epochs": 1} if len(calls) == 1 else tcfg)
-    monkeypatch.setattr(train, "train_model", first_epoch_only)
+        return real({**tcfg, "max_steps": 2} if len(calls) == 1 else tcfg)  # killed after epoch 1 of 2
+    monkeypatch.setattr(train, "train_model", interrupted_once)
     with pytest.raises(train.TrainingError, match="stopped before its last epoch"):
         loso.run(cfg)
     loso.run(cfg)

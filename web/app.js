@@ -100,11 +100,19 @@ function lesionList(r) {
 
 function downloads(r) {
   const blob = (text, type) => URL.createObjectURL(new Blob([text], { type }));
-  return el("div", { class: "downloads" },
+  const box = el("div", { class: "downloads" },
     el("a", { href: r.images.mask, download: r.files.mask, text: "mask PNG" }),
     el("a", { href: r.images.outline, download: r.files.overlay, text: "overlay PNG" }),
     el("a", { href: blob(r.csv, "text/csv"), download: `${r.stem}_predictions.csv`, text: "CSV row" }),
     el("a", { href: blob(JSON.stringify(r.report, null, 1), "application/json"), download: r.files.lesions_json, text: "JSON" }));
+  // DICOM uploads: the Segmentation and measurement report (dicom_out.py), for OHIF, 3D Slicer or a PACS
+  if (r.dicom && r.dicom.seg) {
+    box.append(el("a", { href: r.dicom.seg, download: r.dicom.seg_file, text: "DICOM SEG", title: "carries the scan's patient and study identification" }),
+      el("a", { href: r.dicom.sr, download: r.dicom.sr_file, text: "DICOM SR", title: "carries the scan's patient and study identification" }));
+  } else if (r.dicom && r.dicom.error) {
+    box.append(el("span", { class: "small", text: `no DICOM SEG/SR: ${r.dicom.error}` }));
+  }
+  return box;
 }
 
 function frameChooser(card) {
@@ -240,8 +248,16 @@ function setupControls() {
   thr.addEventListener("input", () => { state.threshold = Number(thr.value); showThreshold(); });
   thr.addEventListener("change", refreshAll);
   $("#thr-reset").addEventListener("click", () => { state.threshold = -1; showThreshold(); refreshAll(); });
-  $("#model").addEventListener("change", () => { state.threshold = -1; showThreshold(); refreshAll(); });
+  $("#model").addEventListener("change", () => { state.threshold = -1; showThreshold(); showCard(); refreshAll(); });
   for (const r of document.querySelectorAll("input[name=view]")) r.addEventListener("change", () => state.cards.forEach((c) => c.result && draw(c)));
+}
+
+function showCard() {
+  // the chosen model's card (checkpoints/<model>.md), served by app.py at /card?model=<name>
+  const name = $("#model").value;
+  const has = (state.config.cards || []).includes(name);
+  $("#card").href = `/card?${new URLSearchParams({ model: name })}`;
+  $("#card").classList.toggle("off", !has);
 }
 
 async function init() {
@@ -249,6 +265,7 @@ async function init() {
   state.config = cfg;
   for (const name of cfg.models) $("#model").append(el("option", { value: name, text: name }));
   $("#model").value = cfg.model;
+  showCard();
   if (cfg.pixel_mm) $("#pixel-mm").value = cfg.pixel_mm;
   $("#limits").textContent = `${cfg.kinds}; up to ${cfg.max_files} files at once, ${cfg.max_upload_mb} MB and ` +
     `${(cfg.max_pixels / 1e6).toFixed(0)} megapixels each.`;
