@@ -20,7 +20,7 @@ from pathlib import Path
 log = logging.getLogger("ablation")
 
 # ---- settings (edit here, or override on the command line: --arms base,head01)
-arms = "base,head01,head03,smp_dice,aug_none,balance,size160,mobilenetv2,resnet18_scratch,lite2,aug_recipe,bce_only,seed2,size192,size256"  # recipes in configs/ablation/, run in this order
+arms = "base,head01,head03,smp_dice,aug_none,balance,size160,one_channel,mobilenetv2,resnet18_scratch,lite2,aug_recipe,bce_only,seed2,size192,size256"  # recipes in configs/ablation/, run in this order
 holdout = "bus-uclm,bus-bra"        # the LOSO folds of every arm
 out_dir = "runs/ablation"           # <out_dir>/<arm>/<fold>/, the table ablation.md / ablation.json
 split_dir = "runs/loso/splits"      # the folds' splits, shared with loso.py
@@ -45,11 +45,19 @@ def arm_rows(out: Path, names: list[str], folds: list[str]) -> list[dict]:
                                                "gate_cleared_lesion", "n_lesion")} for f, r in found.items()},
                "minutes": round(sum(r["train_minutes"] + r["eval_minutes"] for r in found.values()), 1),
                "complete": len(found) == len(folds)}
-        for k in ("lesion_dice", "miss_rate", "auc"):
-            vals = [r[k] for r in found.values() if r[k] == r[k]]
-            row[f"mean_{k}"] = sum(vals) / len(vals) if vals else float("nan")
-        rows.append(row)
+        rows.append(_with_means(row))
+        if all(r.get("no_gate") for r in found.values()):  # the same model with its normal gate switched off
+            rows.append(_with_means({**row, "arm": f"{name}, gate off", "what": "the same model without its normal gate",
+                                     "folds": {f: {**r["no_gate"], "gate_cleared_lesion": 0, "n_lesion": r["n_lesion"]}
+                                               for f, r in found.items()}, "minutes": 0.0}))
     return rows
+
+
+def _with_means(row: dict) -> dict:
+    for k in ("lesion_dice", "miss_rate", "auc"):
+        vals = [f[k] for f in row["folds"].values() if f[k] == f[k]]
+        row[f"mean_{k}"] = sum(vals) / len(vals) if vals else float("nan")
+    return row
 
 
 def _f(v) -> str:

@@ -59,6 +59,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import logging
 import subprocess
 from dataclasses import dataclass
 from functools import lru_cache
@@ -72,14 +73,8 @@ from dicom_io import DicomError
 if TYPE_CHECKING:
     from pydicom import Dataset
 
+log = logging.getLogger("dicom_out")
 
-class Readout(Protocol):
-    """What this module reads of predict.Readout (predict.py imports this module, not the other way round)."""
-    decision: Any              # predict.Decision: .lesion (bool H x W), .label, .malignancy
-    lesions: list[dict]        # measure.measure_lesions of decision.lesion
-    uncertainty: float         # NaN without --uncertainty
-    review: bool | None
-    box: tuple | None          # the box whose LiteMedSAM mask replaced the network's
 
 PROJECT = "BUS-UNet"
 MANUFACTURER = "BUS-UNet research project (not a medical device)"
@@ -100,6 +95,15 @@ TYPE_2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDa
           "AccessionNumber", "ReferringPhysicianName")
 
 
+class Readout(Protocol):
+    """What this module reads of predict.Readout (predict.py imports this module, not the other way round)."""
+    decision: Any              # predict.Decision: .lesion (bool H x W), .label, .malignancy
+    lesions: list[dict]        # measure.measure_lesions of decision.lesion
+    uncertainty: float         # NaN without --uncertainty
+    review: bool | None
+    box: tuple | None          # the box whose LiteMedSAM mask replaced the network's
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The source, the model, the numbering of new instances
 # ---------------------------------------------------------------------------------------------------------
@@ -116,7 +120,7 @@ def source_header(path: str | Path) -> Dataset:
     missing = [k for k in REQUIRED if not str(ds.get(k, "") or "").strip()]
     if missing:
         raise DicomError(f"{path}: no DICOM SEG/SR can reference this file: its header lacks {', '.join(missing)} "
-                         f"(an anonymiser may have removed them); run without --dicom_out for masks, CSV and JSON")
+                         f"(an anonymiser may have removed them)")
     out = pydicom.Dataset()
     for key in PATIENT_STUDY + SOURCE_IMAGE:
         if key in ds:
@@ -126,7 +130,25 @@ def source_header(path: str | Path) -> Dataset:
             setattr(out, key, "")
     if not out.get("Modality"):
         out.Modality = "OT"
+    _blank_invalid(out, path)
     return out
+
+
+def _blank_invalid(header: Dataset, path: Path) -> None:
+    """Sex, dates and times that are not DICOM values (scanners write 'U', '2024-01-31', '12:30') would make
+    highdicom refuse the file: they are left empty (Type 2: unknown) with a warning, never guessed."""
+    from pydicom.valuerep import DA, TM
+    sex = str(header.PatientSex or "").strip().upper()
+    header.PatientSex = sex if sex in ("", "M", "F", "O") else ""
+    bad = [] if sex in ("", "M", "F", "O") else ["PatientSex"]
+    for key, kind in (("PatientBirthDate", DA), ("StudyDate", DA), ("StudyTime", TM)):
+        try:
+            kind(str(header.get(key) or "").strip() or None)
+        except ValueError:
+            setattr(header, key, "")
+            bad.append(key)
+    if bad:
+        log.warning("%s: %s not valid DICOM: left empty in its SEG and SR", path, ", ".join(bad))
 
 
 def n_frames(header: Dataset) -> int:

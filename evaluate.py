@@ -347,6 +347,8 @@ def evaluate_set(predictor, data: LoadedSet, threshold: float, batch_size: int =
     rows, bce_sum = [], 0.0
     for i, seg, cls in _predicted_batches(predictor, data, batch_size, tta):
         target = torch.as_tensor(data.targets[i:i + batch_size]).float()
+        if seg.shape[1] == 1 < target.shape[1]:  # a class-agnostic model: scored against the union of the classes
+            target = target.amax(1, keepdim=True)
         bce_sum += float(torch.nn.functional.binary_cross_entropy_with_logits(seg, target, reduction="sum"))
         for j, (probs, cls_probs) in enumerate(_probabilities(seg, cls)):
             s, full = data.samples[i + j], data.full_masks[i + j]

@@ -14,7 +14,8 @@ recipe's `sources` names every source; fold <name> trains on the others. Per fol
           the last epoch's weights shipped as model.safetensors (fp16) with that setting;
   eval    model.safetensors on every image of the held-out source (nothing of it chose anything) with
           patient-bootstrap intervals and subgroup rows (device, doppler, marks where the manifest has them),
-          into eval_heldout/; and on the validation images of the training sources, into eval_val/.
+          into eval_heldout/ (and, when a normal gate was chosen, once more without it: eval_heldout_nogate/);
+          and on the validation images of the training sources, into eval_val/.
 fold.json records the fold's figures; a fold with fold.json is skipped (delete it to redo the fold's tune and
 eval). After each fold the table of every finished fold is written: <out_dir>/loso.md and loso.json.
 """
@@ -162,7 +163,12 @@ def stage_eval(cfg: dict, left_out: str, fold_dir: Path, sources: str) -> dict:
                                   subgroups=held_out_subgroups(cfg, spec)))
     val = evaluate.run(_eval_cfg(checkpoint=model_path, split="val", out_dir=str(fold_dir / "eval_val"),
                                  bootstrap=0))
-    return {"held_out": held, "val": val, "eval_minutes": (time.time() - t0) / 60}
+    no_gate = None
+    if held.get("head") and held["normal_gate"] < 1.0:  # what the gate costs and buys on the held-out source
+        no_gate = evaluate.run(_eval_cfg(checkpoint=model_path, sources=f"{left_out}={spec}", split="all",
+                                         out_dir=str(fold_dir / "eval_heldout_nogate"), bootstrap=0,
+                                         normal_gate=1.0, gate_keep=1.0))
+    return {"held_out": held, "val": val, "no_gate": no_gate, "eval_minutes": (time.time() - t0) / 60}
 
 
 def fold_record(left_out: str, tcfg: dict, chosen: dict, train_minutes: float, ev: dict) -> dict:
@@ -177,6 +183,7 @@ def fold_record(left_out: str, tcfg: dict, chosen: dict, train_minutes: float, e
             "intervals": {k: held.get("intervals", {}).get(k) for k in FIGURES},
             "subgroups": held.get("subgroups", []),
             "val": {k: val["figures"][k] for k in FIGURES},
+            "no_gate": {k: ev["no_gate"]["figures"][k] for k in FIGURES} if ev.get("no_gate") else None,
             "train_minutes": round(train_minutes, 1), "eval_minutes": round(ev["eval_minutes"], 1)}
 
 

@@ -61,13 +61,15 @@ def _with_ci(summary: dict, key: str, kind: str) -> str:
 
 def evaluation_rows(evals: list[tuple[str, str, dict]]) -> list[str]:
     """The evaluation table: one row per (name, what, summary)."""
-    head = ["evaluated on", "images (lesion / normal)", *[n for _, n, _ in FIGURES], "label accuracy", "ECE"]
+    head = ["evaluated on", "images (lesion / normal)", *[n for _, n, _ in FIGURES], "label accuracy",
+            "ECE (reliability plot)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, what, s in evals:
         f = s["figures"]
         lines.append("| " + " | ".join([f"{what} (`{name}`)", f"{f['n_lesion']} / {f['n_normal']}",
                                         *[_with_ci(s, k, kind) for k, _, kind in FIGURES],
-                                        _v(s["classification"]["accuracy"], "f"), _v(f.get("ece"), "f")]) + " |")
+                                        _v(s["classification"]["accuracy"], "f"),
+                                        f"{_v(f.get('ece'), 'f')} ([plot]({name}/reliability.png))"]) + " |")
     return lines
 
 
@@ -151,7 +153,7 @@ def render(name: str, meta: dict, spec, evals: list[tuple[str, str, dict]], size
           "Every figure at each image's original resolution (evaluate.py); 95% intervals: bootstrap over patients "
           "where the data has patient ids, else over images. Lesion Dice / IoU: images with a lesion; complete "
           "miss: nothing predicted touches the lesion; AUC: benign vs malignant on lesion images; ECE: expected "
-          "calibration error of the malignancy (10 bins, reliability.png in each folder).", "",
+          "calibration error of the malignancy (10 bins; its reliability plot is linked).", "",
           *evaluation_rows(evals), ""]
     if loso:
         L += ["### Leave-one-source-out (what to expect on a scanner it has not seen)", "", loso["table"], ""]

@@ -117,6 +117,8 @@ def decide(probs: torch.Tensor, threshold: float, min_area: float = 0.0, cls_pro
     against 0.5, and normal otherwise.
     """
     p = probs.float()
+    if p.shape[0] == 1 and cls_probs is None:
+        raise ValueError("a model with one (class-agnostic) lesion channel needs its classification head for the label")
     top, arg = p.max(0)
     lesion = remove_small(top > threshold, min_area)
     head = None
@@ -130,7 +132,10 @@ def decide(probs: torch.Tensor, threshold: float, min_area: float = 0.0, cls_pro
                 conflict = True
             else:
                 lesion, gated = torch.zeros_like(lesion), True
-    class_masks = torch.stack([lesion & (arg == c) for c in range(p.shape[0])])
+    if p.shape[0] == 1:  # one lesion channel: the lesion goes into the channel of the head's label (below)
+        class_masks = torch.zeros((len(LESION_CLASSES), *lesion.shape), dtype=torch.bool)
+    else:
+        class_masks = torch.stack([lesion & (arg == c) for c in range(p.shape[0])])
     if not lesion.any():
         if head is not None:
             return Decision(lesion.numpy(), class_masks.numpy(), "normal", head["normal"], 0.0, malignancy,
@@ -141,6 +146,8 @@ def decide(probs: torch.Tensor, threshold: float, min_area: float = 0.0, cls_pro
     mean_prob = float(top[lesion].mean())
     if head is not None:
         label = "malignant" if malignancy >= 0.5 else "benign"
+        if p.shape[0] == 1:  # one lesion channel: the lesion goes to the class the head names
+            class_masks = torch.stack([lesion & (c == label) for c in LESION_CLASSES])
         return Decision(lesion.numpy(), class_masks.numpy(), label, head[label], mean_prob, malignancy,
                         head["normal"], gated, conflict)
     c = int(mass.argmax())
@@ -535,7 +542,10 @@ def predict_file(job: _Job, path: Path, writer: csv.DictWriter, used: set[str]) 
         for fr in read_inputs(path, job.cfg, job.size_of):  # a bad file fails here first, with dicom_io's message
             if job.model is not None and header is None and is_dicom(path):
                 from dicom_out import source_header
-                header = source_header(path)
+                try:
+                    header = source_header(path)
+                except DicomError as e:
+                    raise DicomError(f"{e}; without --dicom_out it gets its masks, CSV and JSON") from None
             ro = read_out(fr, job.predictor, job.meta, job.threshold, job.cfg, job.cutoff)
             stem = _unique_stem(path, used, "" if fr.index is None else f"_f{fr.index:03d}")
             written = {}

@@ -81,6 +81,7 @@ threshold = 0.5               # lesion probability threshold stored in the check
 min_area = 0.0                # smallest lesion component kept, in pixels of the network input (stored in the checkpoint)
 loss = "bce"                  # bce (the recipe's pixel-wise BCE), bce+dice (+ SMP's soft Dice per lesion channel), bce+union_dice (+ soft Dice of the union of the lesion channels)
 head = False                  # add a classification head for the image label (normal / benign / malignant)
+class_agnostic = False        # one lesion channel (any lesion) instead of one per lesion class; the label comes from the head (needs head)
 head_weight = 0.2             # weight of the head's cross-entropy in the loss
 augment = "recipe"            # augmentation ranges: recipe, scanner (gain, contrast, speckle size, resolution, depth ramp), or none
 lr_schedule = "plateau"       # plateau (ReduceLROnPlateau on the validation loss, the recipe) or onecycle (warm-up, then cosine decay per step)
@@ -208,8 +209,16 @@ def make_model(cfg: dict):
                                   f"--{'' if meta.get('head') else 'no-'}head")
         log.info("starting from the weights of %s", cfg["init_from"])
         return model.train()
-    return build_model(cfg["encoder"], cfg["encoder_weights"] or None, len(dataset.LESION_CLASSES), 1,
+    if cfg["class_agnostic"] and not cfg["head"]:
+        raise TrainingError("class_agnostic (one lesion channel) needs the classification head for the label: "
+                            "add --head")
+    return build_model(cfg["encoder"], cfg["encoder_weights"] or None, lesion_channels(cfg), 1,
                        len(dataset.CLASS_NAMES) if cfg["head"] else 0)
+
+
+def lesion_channels(cfg: dict) -> int:
+    """Output channels: one per lesion class, or one for any lesion (class_agnostic)."""
+    return 1 if cfg.get("class_agnostic") else len(dataset.LESION_CLASSES)
 
 
 LOSSES = ("bce", "bce+dice", "bce+union_dice")
@@ -284,7 +293,7 @@ def make_optimizer(cfg: dict, params):
 
 def checkpoint_meta(cfg: dict, split_path: Path, epoch: int, metrics: dict) -> dict:
     meta = {**dataset.preprocessing_meta(cfg["image_size"]), "encoder": cfg["encoder"],
-            "classes": len(dataset.LESION_CLASSES), "threshold": cfg["threshold"], "min_area": cfg["min_area"],
+            "classes": lesion_channels(cfg), "threshold": cfg["threshold"], "min_area": cfg["min_area"],
             "epoch": epoch, "split_file": str(split_path), "fold": cfg["fold"], "metrics": metrics,
             "train_config": {k: v for k, v in cfg.items()}, "augment": AugmentConfig.preset(cfg["augment"]).to_dict(),
             "torch": torch.__version__, "recipe": recipe_provenance(cfg["config"])}
@@ -541,6 +550,8 @@ def setup_run(cfg: dict, dev: torch.device, rank: int, world: int) -> RunState:
     run.images_dev = torch.as_tensor(train.images).to(dev)
     run.labels_dev = torch.tensor([dataset.CLASS_NAMES.index(s.label) for s in train.samples], device=dev)
     run.targets_dev = torch.as_tensor(train.targets).to(dev)
+    if cfg["class_agnostic"]:  # one channel: the union of the lesion classes
+        run.targets_dev = run.targets_dev.amax(1, keepdim=True)
     run.use_amp = (cfg["amp"] and dev.type == "cuda") or (cfg["cpu_bf16"] and dev.type == "cpu" and _cpu_has_amx())
     if cfg["resume"]:
         run.rows = [r for r in read_log(out / "log.csv") if int(r["epoch"]) < run.start_epoch]

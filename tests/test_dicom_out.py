@@ -218,6 +218,19 @@ def test_required_attributes_and_valid_values(tmp_path):
     assert len(hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_planar_roi_measurement_groups()) == 2
 
 
+def test_header_values_that_are_not_dicom_are_left_empty_not_refused(tmp_path, caplog):
+    src = clinical_dicom(tmp_path / "odd.dcm", np.full((60, 80), 90, np.uint8))
+    ds = pydicom.dcmread(src)
+    with pytest.warns(UserWarning):  # pydicom warns about the invalid values a scanner might write
+        ds.PatientSex, ds.StudyDate, ds.StudyTime = "U", "2024-01-31", "12:30"
+    ds.save_as(src)
+    header = dicom_out.source_header(src)
+    assert (header.PatientSex, header.StudyDate, header.StudyTime) == ("", "", "")
+    assert "PatientSex, StudyDate, StudyTime not valid DICOM" in caplog.text
+    seg, sr = dicom_out.dicom_objects(header, None, readout(two_lesions()), dicom_out.ModelInfo.of(__file__, 0.5))
+    assert (seg.PatientID, sr.PatientID, sr.PatientSex) == (PATIENT_ID, PATIENT_ID, "")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # predict.py --dicom_out
 # ---------------------------------------------------------------------------------------------------------

@@ -266,3 +266,17 @@ def test_the_gate_keeps_a_confident_mask_and_asks_for_review():
     assert erased.lesion.sum() == 0 and erased.gated and not erased.gate_conflict and erased.label == "normal"
     unsure = decide(probs, 0.5, cls_probs=torch.tensor([0.5, 0.4, 0.1]), normal_gate=0.9, gate_keep=0.8)
     assert unsure.lesion.sum() == 100 and not unsure.gate_conflict and not unsure.gated
+
+
+def test_a_one_channel_model_takes_its_label_from_the_head():
+    import torch
+    from predict import decide
+    probs = torch.zeros(1, 20, 20)
+    probs[0, 5:15, 5:15] = 0.9
+    d = decide(probs, 0.5, cls_probs=torch.tensor([0.1, 0.2, 0.7]))
+    assert d.label == "malignant" and d.class_masks.shape == (2, 20, 20)
+    assert d.class_masks[1].sum() == 100 and d.class_masks[0].sum() == 0
+    empty = decide(torch.zeros(1, 20, 20), 0.5, cls_probs=torch.tensor([0.8, 0.1, 0.1]))
+    assert empty.label == "normal" and empty.class_masks.shape == (2, 20, 20) and not empty.class_masks.any()
+    with pytest.raises(ValueError, match="needs its classification head"):
+        decide(probs, 0.5)

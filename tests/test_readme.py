@@ -86,7 +86,8 @@ def local_targets(md: Path) -> list[tuple[str, Path]]:
 
 
 def markdown_files() -> list[Path]:
-    return [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+    """The README, docs/ and the model cards in checkpoints/."""
+    return [ROOT / "README.md", *sorted(DOCS.glob("*.md")), *sorted((ROOT / "checkpoints").glob("*.md"))]
 
 
 def test_the_link_parser_reads_nested_parentheses_and_skips_code():

@@ -240,3 +240,20 @@ def test_every_recipe_trains_one_step_on_phantoms_and_the_checkpoint_names_it(ph
         assert meta["recipe"]["file"] == recipe and meta["train_config"]["config"] == recipe
         assert (ROOT / recipe).read_text() in meta["recipe"]["text"]
         assert len(meta["recipe"]["git_commit"]) in (0, 40)
+
+
+def test_class_agnostic_training_has_one_channel_and_needs_the_head(phantom_tree, tmp_path):
+    import model
+    import evaluate
+    from cli import settings_with
+    cfg = train.default_settings(data_dir=str(phantom_tree), out_dir=str(tmp_path / "run"), loss_graph_dir=str(tmp_path),
+                                 epochs=1, image_size=64, expand=1, batch_size=4, progress=False, class_agnostic=True,
+                                 loss="bce+union_dice")
+    with pytest.raises(train.TrainingError, match="needs the classification head"):
+        train.train_model(cfg)
+    train.train_model({**cfg, "head": True, "overwrite": True})
+    net, meta = model.load_checkpoint(tmp_path / "run" / "last.safetensors")
+    assert meta["classes"] == 1
+    summary = evaluate.run(settings_with(ROOT / "evaluate.py", checkpoint=str(tmp_path / "run" / "last.safetensors"),
+                                         out_dir=str(tmp_path / "e"), gallery=0, bootstrap=0))
+    assert summary["all"]["n_images"] > 0 and summary["val_loss"] == summary["val_loss"]
