@@ -15,23 +15,24 @@ Copied from the source header (source_header), as a viewer needs it to attach ne
 patient (name, ID, issuer of the ID, birth date, sex) and study (Study Instance UID, date, time, ID, accession
 number, referring physician) identification and the character set; to reference the image: its SOP Class and
 Instance UID, Series Instance UID, Modality, Frame of Reference UID, rows, columns, number of frames and lossy-
-compression flag. Nothing else (no institution, device, operator, other dates or descriptions). The CSV, JSON and
+compression flag. Nothing else (no institution, device, operator, other dates or descriptions). A sex, date or
+time that is not a DICOM value ('U', '2024-01-31') is left empty with a warning, never guessed. The CSV, JSON and
 PNG outputs of predict.py and the page still carry none of it.
 
-SEG: BINARY, one segment per lesion ("lesion 1", "lesion 2", ... numbered as in the CSV and JSON, the largest
-first; a frame without a lesion gets one empty segment "lesion (none found)"), coded as DICOM codes segmentations
-(CID 7150, 7151/7159, 4): segmented property category SNOMED CT 49755003 "Morphologically Abnormal Structure",
-type 52988006 "Lesion" (not 4147007 "Mass": BI-RADS calls a finding a mass when it is seen in two planes, which one
-frame cannot show), anatomic region 76752008 "Breast". The algorithm identification names BUS-UNet, the checkpoint
-file, its SHA-256 as the version, the threshold and the code's git commit; the algorithm type is AUTOMATIC, or
+SEG: BINARY, one segment per lesion ("lesion 1", "lesion 2", ... numbered as in the CSV and JSON, the largest first;
+a frame without a lesion gets one empty segment "lesion (none found)"), with DICOM's codes for segmentations (CID
+7150, 7151/7159, 4): segmented property category SNOMED CT 49755003 "Morphologically Abnormal Structure", type
+52988006 "Lesion" (not 4147007 "Mass": BI-RADS calls a finding a mass when it is seen in two planes, which one frame
+cannot show), anatomic region 76752008 "Breast". The algorithm identification names BUS-UNet, the checkpoint file,
+its SHA-256 as the version, the threshold and the code's git commit; the algorithm type is AUTOMATIC, or
 SEMIAUTOMATIC when a drawn box prompted the mask (LiteMedSAM). Its frames are the predicted mask pixel for pixel at
 the source's rows and columns. Geometry: an ultrasound frame has no position in patient space (no Image Position /
 Orientation (Patient)), so the SEG has none either and is tied to its source frame by reference (Derivation Image
-Sequence, Spatial Locations Preserved YES), which is how highdicom makes segmentations of images without a
-patient coordinate system (X-ray, ultrasound; the Frame of Reference UID is copied when the source has one). It
-carries no Pixel Measures: without a Frame of Reference the standard does not ask for them, a 2D frame has no
-slice thickness, and highdicom 0.28 reads back no Pixel Measures without one; the pixel size (Pixel Spacing, or
-the calibrated ultrasound region) stays the source's, and the SR gives the sizes in mm.
+Sequence, Spatial Locations Preserved YES), which is how highdicom makes segmentations of images without a patient
+coordinate system (X-ray, ultrasound; the Frame of Reference UID is copied when the source has one). It carries no
+Pixel Measures: without a Frame of Reference the standard does not ask for them, a 2D frame has no slice thickness,
+and highdicom 0.28 reads back no Pixel Measures without one; the pixel size (Pixel Spacing, or the calibrated
+ultrasound region) stays the source's, and the SR gives the sizes in mm.
 Multi-frame sources (cine loops): one SEG and one SR per predicted frame, each referencing its frame (Referenced
 Frame Number). highdicom makes a SEG of a multi-frame image without a patient coordinate system for a single
 frame only (its issue #284), so the SEG is built against a single-frame stand-in of the header and its references
@@ -49,7 +50,8 @@ the SEG and shares its tracking UID, with
   (99BUSUNET UNCERTAINTY) and the review flag (99BUSUNET REVIEW: yes / no), where predict.py has them;
   a comment saying that these are descriptors computed by a model, not a diagnosis, and where the pixel size
   came from, or why there are no mm values.
-A frame without a lesion gets one image-level group (TID 1501) with the probability, uncertainty and review.
+A frame without a lesion gets one image-level group (TID 1501) with the uncertainty and review (no probability
+of cancer: it is one given a lesion) and a comment that no lesion was found.
 99BUSUNET is this project's private coding scheme (declared in the Coding Scheme Identification Sequence) for what
 DICOM has no code for.
 This module imports pydicom and highdicom when it is used; predict.py and app.py import it only for DICOM outputs.

@@ -26,11 +26,12 @@ SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 US_MULTI_FRAME = "1.2.840.10008.5.1.4.1.1.3.1"
 NAME, PATIENT_ID = SECRET.split()
 NOT_COPIED = {"InstitutionName": "SECRET HOSPITAL", "Manufacturer": "SECRET SCANNER CO", "OperatorsName": "Op^Secret",
-              "StationName": "SECRETSTATION", "DeviceSerialNumber": "SN-SECRET-99", "SeriesDescription": "SECRET SERIES"}
+              "StationName": "SECRETSTATION", "DeviceSerialNumber": "SN-SECRET-99",
+              "SeriesDescription": "SECRET SERIES"}
 
 
-def clinical_dicom(path, pixels: np.ndarray, *, uids: bool = True, sop_class: str = "", frame_of_reference: bool = False,
-                   **kw) -> Path:
+def clinical_dicom(path, pixels: np.ndarray, *, uids: bool = True, sop_class: str = "",
+                   frame_of_reference: bool = False, **kw) -> Path:
     """test_dicom_io.write_dicom's file with what a scanner writes besides: study and series UIDs, a study ID,
     an accession number, and institution, device and operator names (NOT_COPIED) that no output may carry."""
     path = write_dicom(path, pixels, **kw)
@@ -218,6 +219,18 @@ def test_required_attributes_and_valid_values(tmp_path):
     assert len(hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_planar_roi_measurement_groups()) == 2
 
 
+def test_a_box_prompted_mask_is_a_semiautomatic_segment_naming_its_box(tmp_path):
+    src = clinical_dicom(tmp_path / "IM0001", np.full((60, 80), 90, np.uint8))
+    ro = readout(two_lesions(), box=(5.0, 8.0, 45.0, 33.0))
+    mask = predict.mask_source(ro)
+    seg, sr = dicom_out.dicom_objects(dicom_out.source_header(src), None, ro, dicom_out.ModelInfo.of(__file__, 0.5),
+                                      mask)
+    assert {s.SegmentAlgorithmType for s in seg.SegmentSequence} == {"SEMIAUTOMATIC"}
+    assert mask.startswith("LiteMedSAM box prompt") and mask in \
+        seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
+    assert f"mask={mask}" in json.dumps(sr.to_json_dict(), default=str)
+
+
 def test_header_values_that_are_not_dicom_are_left_empty_not_refused(tmp_path, caplog):
     src = clinical_dicom(tmp_path / "odd.dcm", np.full((60, 80), 90, np.uint8))
     ds = pydicom.dcmread(src)
@@ -349,6 +362,7 @@ def test_bad_input_keeps_its_error_and_unreferenceable_files_are_errors(fake_net
     assert rows["b.dcm"]["error"] == "" and (out / rows["b.dcm"]["dicom_seg"]).is_file()
     assert "c.dcm" in rows["c.dcm"]["error"] and "truncated" in rows["c.dcm"]["error"]
     assert "d.dcm" in rows["d.dcm"]["error"] and "StudyInstanceUID, SeriesInstanceUID" in rows["d.dcm"]["error"]
+    assert "without --dicom_out it gets its masks" in rows["d.dcm"]["error"]
     assert not list(out.glob("d*")) and "not DICOM and get no SEG/SR" in caplog.text
 
 

@@ -72,7 +72,7 @@ def test_threshold_comes_from_the_checkpoint(tiny_checkpoint, phantom_tree, tmp_
     monkeypatch.setattr(predict, "decide", lambda p, t, *rest: seen.setdefault("t", (t, *rest)) and real(p, t, *rest))
     predict.main([str(phantom_tree / "normal" / "normal (2).png"), "--checkpoint", str(tiny_checkpoint),
                   "--out_dir", str(tmp_path)])
-    assert seen["t"] == (0.5, 0.0, None, 1.0)  # threshold, min area, no head, no gate
+    assert seen["t"] == (0.5, 0.0, None, 1.0, 1.0)  # threshold, min area, no head, no gate, no gate keep
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path, phantom_tree, caplog):
