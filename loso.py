@@ -119,24 +119,16 @@ def _eval_cfg(**overrides) -> dict:
 
 def stage_tune(cfg: dict, left_out: str, fold_dir: Path) -> dict:
     """Choose threshold / min_area / gate on the training sources' validation images; ship model.safetensors."""
-    import evaluate
-    from predict import load_predictor, pick_device
-    from ship_checkpoint import ship
+    from model import read_checkpoint_meta
+    from ship_checkpoint import tune_and_ship
     model_path = fold_dir / "model.safetensors"
     chosen_path = fold_dir / "tuned.json"
     if model_path.exists() and chosen_path.exists():
         return json.loads(chosen_path.read_text())
     src = fold_dir / "run" / "last.safetensors"
-    predictor, meta = load_predictor(str(src), pick_device("auto"))
-    ecfg = _eval_cfg(checkpoint=str(src), split="val", recall_floor=cfg["recall_floor"])
-    data, info = evaluate.load_eval_set(ecfg, meta)
-    _, setting = evaluate.tune(ecfg, predictor, data, info)
-    kwargs = {"threshold": setting["threshold"], "min_area": setting["min_area"]}
-    if meta.get("head"):
-        kwargs.update(normal_gate=setting["normal_gate"], gate_keep=setting["gate_keep"])
-    ship(str(src), str(model_path), str(fold_dir / "split.json"), **kwargs)
-    chosen = {**setting, "recall_floor": cfg["recall_floor"], "tuned_on": f"validation images of "
-              f"{training_sources(meta['train_config']['sources'], left_out) or meta['train_config']['sources']}"}
+    setting = tune_and_ship(str(src), str(model_path), str(fold_dir / "split.json"), cfg["recall_floor"])
+    chosen = {**setting, "recall_floor": cfg["recall_floor"],
+              "tuned_on": f"validation images of {read_checkpoint_meta(src)['train_config']['sources']}"}
     chosen_path.write_text(json.dumps(chosen, indent=1) + "\n")
     return chosen
 

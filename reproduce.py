@@ -118,22 +118,12 @@ def _evaluate(spec: Model, settings: dict) -> dict:
 
 def stage_ship_and_tune(spec: Model, run_dir: Path, stages: set[str]) -> None:
     """ship (fp16 + split), tune (post-processing on validation), review (uncertainty cut-off on validation)."""
-    import evaluate
-    from cli import settings_with
-    from predict import load_predictor, pick_device
-    from ship_checkpoint import ship
+    from ship_checkpoint import ship, tune_and_ship
     split = recipe_cfg(spec.recipes[-1])["split_file"] or str(run_dir / "split.json")
     if "ship" in stages:
         ship(str(run_dir / f"{spec.weights}.safetensors"), spec.file, split)
     if "tune" in stages and spec.tune:
-        predictor, meta = load_predictor(spec.file, pick_device("auto"))
-        ecfg = settings_with(evaluate.__file__, checkpoint=spec.file, split="val")
-        data, info = evaluate.load_eval_set(ecfg, meta)
-        _, s = evaluate.tune(ecfg, predictor, data, info)
-        kwargs = {"threshold": s["threshold"], "min_area": s["min_area"]}
-        if meta.get("head"):
-            kwargs.update(normal_gate=s["normal_gate"], gate_keep=s["gate_keep"])
-        ship(spec.file, spec.file, split, **kwargs)
+        tune_and_ship(spec.file, spec.file, split)
     if "review" in stages and spec.uncertainty:
         summary = _evaluate(spec, {"split": "val", "uncertainty": True, "uncertainty_cutoff": -1.0,
                                    "out_dir": str(run_dir / "eval_review")})
