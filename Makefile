@@ -30,20 +30,23 @@ demo: install
 	$(BIN)/python phantom.py --out runs/demo/phantoms --per-class 40 --seed 7
 	$(BIN)/python train.py configs/demo.py --data_dir runs/demo/phantoms --out_dir runs/demo/run \
 		--loss_graph_dir runs/demo
-	$(BIN)/python predict.py runs/demo/phantoms/benign runs/demo/phantoms/malignant \
-		--checkpoint runs/demo/run/best.safetensors --out_dir runs/demo/predictions
 	$(BIN)/python evaluate.py --checkpoint runs/demo/run/best.safetensors --out_dir runs/demo/eval
+	$(BIN)/python phantom.py --out runs/demo/unseen --per-class 2 --seed 8
+	$(BIN)/python predict.py runs/demo/unseen/benign runs/demo/unseen/malignant runs/demo/unseen/normal \
+		--checkpoint runs/demo/run/best.safetensors --out_dir runs/demo/predictions
 	@echo
 	@$(BIN)/python -c "import json; s = json.load(open('runs/demo/eval/summary.json'))['lesion']; \
 		print('The demo model on its validation phantoms: lesion Dice per class (0.8 or more: outlined)'); \
 		[print(f'  {c:<10} {s[k][\"mean\"]:.3f}  ({s[k][\"n\"]} images)' + ('' if s[k]['mean'] >= 0.8 else \
 		'  BELOW 0.8: not learned, see runs/demo/run/log.csv')) for c, k in \
 		[('benign', 'dice_benign_a'), ('malignant', 'dice_malignant_a'), ('both', 'dice_a')]]"
-	@echo "  its overlays of the phantoms: runs/demo/predictions/*_overlay.png"
 	@echo
 	$(BIN)/python predict.py --out_dir runs/demo/samples
 	@echo
-	@echo "The shipped default model on the six real BUSI scans of samples/; open these overlays:"
+	@echo "Open these overlays. The demo model on six new phantoms (its best and worst validation cases:"
+	@echo "runs/demo/eval/gallery/best_worst.png):"
+	@for f in runs/demo/predictions/*_overlay.png; do echo "  $$f"; done
+	@echo "The shipped default model on the six real BUSI scans of samples/:"
 	@for f in runs/demo/samples/*_overlay.png; do echo "  $$f"; done
 
 app: install

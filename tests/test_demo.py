@@ -51,13 +51,14 @@ def test_recipe_weights_install_with_pip():
 
 
 def test_training_budget_stays_small():
-    """The measured ~5 min on 2 cores (fp32) holds for this many training images seen; more needs a new timing."""
+    """The demo's training time on 2 cores (fp32) was measured for at most this many images seen at 128 px;
+    a larger budget needs a new timing."""
     cfg = parse_settings(ROOT / "train.py", [str(RECIPE)])
     phantoms = next(c for c in python_commands() if c[0] == "phantom.py")
     per_class = int(phantoms[phantoms.index("--per-class") + 1])
     n_train = round(3 * per_class * (1 - cfg["val_fraction"]))
     seen = cfg["epochs"] * (cfg["draws_per_epoch"] or n_train * cfg["expand"])
-    assert seen <= 2000 and cfg["image_size"] <= 128, (seen, cfg["image_size"])
+    assert seen <= 1000 and cfg["image_size"] <= 128, (seen, cfg["image_size"])
 
 
 def test_make_demo_trains_the_recipe_evaluates_per_class_and_ends_with_the_samples():
