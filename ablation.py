@@ -123,18 +123,8 @@ def run(cfg: dict) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cli import RecipeError, parse_settings
-    from dataset import DataError
-    from model import CheckpointError, WeightsUnavailableError
-    from train import TrainingError
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    try:
-        run(parse_settings(__file__, argv, __doc__))
-    except (RecipeError, DataError, CheckpointError, WeightsUnavailableError, TrainingError) as e:
-        log.error("%s", e)
-        return 1
-    return 0
+    from loso import run_cli
+    return run_cli(__file__, run, argv, __doc__)
 
 
 if __name__ == "__main__":

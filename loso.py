@@ -270,7 +270,9 @@ def run(cfg: dict) -> list[dict]:
     return folds
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_cli(script: str, run_fn, argv: list[str] | None, doc: str, positional: str | None = None) -> int:
+    """The command line of loso.py and ablation.py: settings from script's block, run_fn(cfg), errors a user
+    can act on logged in one line (exit status 1)."""
     from cli import RecipeError, parse_settings
     from dataset import DataError
     from model import CheckpointError, WeightsUnavailableError
@@ -278,12 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     try:
-        cfg = parse_settings(__file__, argv, __doc__, positional="recipe")
-        run(cfg)
+        run_fn(parse_settings(script, argv, doc, positional=positional))
     except (RecipeError, DataError, CheckpointError, WeightsUnavailableError, TrainingError) as e:
         log.error("%s", e)
         return 1
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(__file__, run, argv, __doc__, positional="recipe")
 
 
 if __name__ == "__main__":
