@@ -123,7 +123,7 @@ threshold = -1.0             # lesion probability threshold; < 0 uses the checkp
 min_area = -1.0              # smallest lesion component kept, in pixels at the network's input size; < 0 uses the checkpoint's (0 if none)
 normal_gate = -1.0           # with a classification head: clear the mask when P(normal) >= this; < 0 uses the checkpoint's (1.0 if none)
 tune_threshold = False       # sweep threshold, min_area (and normal_gate) on these images, report each, evaluate at the best (validation only!)
-recall_floor = 0.02          # tuning: min_area and the gate may erase at most this share of the lesion images the threshold found (< 0: no floor)
+recall_floor = 0.02          # tuning: the setting may leave empty at most this share of the lesion images that threshold 0.5 alone finds (< 0: no floor)
 gate_keep = -1.0             # the normal gate never erases a mask whose mean lesion probability is at least this; < 0 uses the checkpoint's (1.0 if none)
 subgroups = ""               # manifest columns for per-subgroup rows, comma-separated, e.g. doppler,marks
 bootstrap = 1000             # bootstrap resamples for the 95% intervals (by patient where the data has patient ids; 0: none)
@@ -432,8 +432,11 @@ def _sweep_figures(inter, area, true_area, labels, pred_idx) -> dict[str, np.nda
 
 def _sweep_rows(counts, data: LoadedSet, heads, thresholds, min_areas, gates, gate_keep: float = 1.0) -> list[dict]:
     """One row per threshold x min_area x gate from the per-image counts of _component_counts. cleared_share:
-    the share of lesion images whose mask the threshold alone kept but min_area and the gate erased."""
+    the share of lesion images that the neutral setting found (the grid's threshold nearest 0.5, no minimum
+    area, no gate) but this setting leaves empty (a higher threshold, min_area or the gate erased them)."""
     inter, area, cls, top_mass, raw = (np.stack([c[k] for c in counts]) for k in range(5))
+    neutral = int(np.argmin([abs(t - 0.5) for t in thresholds]))
+    found = raw[:, neutral:neutral + 1, :1] > 0  # images x 1 x 1
     true_area = np.asarray([m.sum() for m in data.full_masks], dtype=float)[:, None, None]
     labels = np.asarray([s.label for s in data.samples], dtype=str)
     lesion = np.isin(labels, LESION_CLASSES)
@@ -449,7 +452,7 @@ def _sweep_rows(counts, data: LoadedSet, heads, thresholds, min_areas, gates, ga
                                    CLASS_NAMES.index("benign")))
         pred_idx = np.where(a > 0, called, CLASS_NAMES.index("normal"))
         figs = _sweep_figures(i_, a, true_area, labels, pred_idx)
-        cleared = (raw > 0) & (a == 0)
+        cleared = found & (a == 0)
         figs["cleared_share"] = cleared[lesion].mean(0) if lesion.any() else np.zeros(a.shape[1:])
         by_gate.append(figs)
     return [{"threshold": float(t), "min_area": float(m), "normal_gate": float(g),
@@ -492,8 +495,8 @@ def choose_setting(sweep: list[dict], tolerance: float = TUNE_TOLERANCE, recall_
     predictions on normal images alike, so it cannot buy lesion Dice with false positives. Rows within
     `tolerance` of the best count as ties; among them: the higher normal_gate (1.0: no gate), then the threshold
     nearest 0.5, then the smaller min_area.
-    recall_floor: only rows whose min_area and gate erase at most this share of the lesion images that the
-    threshold alone found (cleared_share) are candidates; no gate and no minimum area always qualify."""
+    recall_floor: only rows that leave empty at most this share of the lesion images the neutral setting found
+    (cleared_share: threshold 0.5, no minimum area, no gate) are candidates; the neutral setting always qualifies."""
     if recall_floor is not None:
         sweep = [r for r in sweep if r.get("cleared_share", 0.0) <= recall_floor + 1e-12]
     best = max(round(r["dice_all_b"], 6) for r in sweep)

@@ -144,13 +144,19 @@ def onnx_predictor(checkpoint_path: str | Path, meta: dict | None = None, thread
     except ImportError:
         raise RuntimeError("the onnx backend needs onnxruntime and onnx (pip install onnx onnxruntime)") from None
     path = ensure_onnx(checkpoint_path)
-    if meta is not None:
-        stored = onnx_metadata(path)
-        if "image_size" in stored and int(json.loads(stored["image_size"])) != int(meta["image_size"]):
-            raise RuntimeError(f"{path}: made for {stored['image_size']}px, the checkpoint says {meta['image_size']}px; "
-                               f"delete it and run python export_onnx.py --checkpoint {checkpoint_path}")
+    check_image_size(path, meta, checkpoint_path)
     from backends import make_session, session_predictor
     return session_predictor(make_session(path, threads))
+
+
+def check_image_size(onnx_path: Path, meta: dict | None, checkpoint_path: str | Path) -> None:
+    """A RuntimeError when an ONNX file was made for another image size than the checkpoint's."""
+    if meta is None:
+        return
+    stored = onnx_metadata(onnx_path)
+    if "image_size" in stored and int(json.loads(stored["image_size"])) != int(meta["image_size"]):
+        raise RuntimeError(f"{onnx_path}: made for {stored['image_size']}px, the checkpoint says {meta['image_size']}px; "
+                           f"delete it and it is made again from {checkpoint_path}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ recipe's `sources` names every source; fold <name> trains on the others. Per fol
           training and validation images of the training sources only; one split per fold in split_dir, shared
           by every recipe so arms are compared on the same images); resumed when a run is there, skipped when done;
   tune    threshold, minimum area and normal gate chosen on that validation split (evaluate.tune rules: highest
-          all-image Dice (b), at most recall_floor of the lesion images erased by min_area and the gate);
+          all-image Dice (b), at most recall_floor of the lesion images that threshold 0.5 finds left empty);
           the last epoch's weights shipped as model.safetensors (fp16) with that setting;
   eval    model.safetensors on every image of the held-out source (nothing of it chose anything) with
           patient-bootstrap intervals and subgroup rows (device, doppler, marks where the manifest has them),
@@ -37,7 +37,7 @@ holdout = ""                      # sources to leave out, comma-separated names 
 out_dir = ""                      # folds go to <out_dir>/<source>/; empty: runs/loso/<recipe name>
 split_dir = "runs/loso/splits"    # one split file per fold (without_<source>.json), shared by every recipe
 stages = "train,tune,eval"        # stages to run; a stage whose output is there is skipped
-recall_floor = 0.02               # tuning: min_area and the gate may erase at most this share of validation lesion images
+recall_floor = 0.02               # tuning may leave empty at most this share of the validation lesion images threshold 0.5 finds
 bootstrap = 1000                  # patient-bootstrap resamples for the held-out intervals
 subgroups = "device,doppler,marks"  # held-out subgroup columns, each used where the source's manifest has it
 train_args = ""                   # extra train.py flags for every fold, e.g. "--max_steps 2" (tests)

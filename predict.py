@@ -56,7 +56,7 @@ threshold = -1.0                                            # lesion probability
 tta = False                                                 # also predict the mirrored image and average
 device = "auto"                                             # auto (cuda, then mps, then cpu), cpu, cuda, mps
 batch_size = 8                                              # images per forward pass
-backend = "torch"                                           # torch, or onnx (ONNX Runtime on the CPU; <checkpoint>.onnx is exported beside it if missing or stale)
+backend = "torch"                                           # torch; onnx (ONNX Runtime on the CPU; <checkpoint>.onnx is exported beside it if missing or stale); onnx-int8 (INT8 model, quantize.py; <checkpoint>.int8.onnx is built beside it, calibrated on the checkpoint's training images)
 pixel_mm = ""                                               # pixel size where the file gives none (PNG/JPEG; DICOM without one): mm per pixel, or a CSV file,mm; empty: unknown (sizes in pixels)
 frame = -1                                                  # multi-frame DICOM: -1 each frame, else only this frame (0-based)
 dicom_crop = False                                          # DICOM: segment only inside its ultrasound regions (scanner UI left out); the mask is put back into the full frame
@@ -254,6 +254,9 @@ def uncertainty_image(grey: np.ndarray, umap: np.ndarray) -> Image.Image:
     return img
 
 
+BACKENDS = ("torch", "onnx", "onnx-int8")
+
+
 def load_predictor(checkpoint_path: str, device: torch.device, backend_name: str = "torch"):
     """(callable (uint8 N x 1 x S x S, batch size, tta) -> logits N x C x S x S, metadata)."""
     from model import load_checkpoint
@@ -261,8 +264,11 @@ def load_predictor(checkpoint_path: str, device: torch.device, backend_name: str
     if backend_name == "onnx":
         from export_onnx import onnx_predictor
         return onnx_predictor(checkpoint_path, meta), meta
+    if backend_name == "onnx-int8":
+        from quantize import int8_predictor
+        return int8_predictor(checkpoint_path, meta), meta
     if backend_name != "torch":
-        raise ValueError(f"backend must be torch or onnx, got {backend_name!r}")
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend_name!r}")
     model = model.to(memory_format=torch.channels_last)
     return (lambda imgs, bs, tta_: predict_logits(model, imgs, device, bs, tta_)), meta
 

@@ -878,3 +878,25 @@ def test_evaluate_counts_the_lesion_images_the_gate_erased(phantom_tree, tmp_pat
     erased = sum(int(float(r["gate_cleared"])) for r in rows if r["true_label"] != "normal")
     assert summary["figures"]["gate_cleared_lesion"] == erased > 0
     assert all(float(r["pred_area"]) == 0 for r in rows if float(r["gate_cleared"]))
+
+
+def test_the_recall_floor_also_holds_a_higher_threshold_back():
+    """A threshold that empties faint lesions (found at 0.5) counts against the floor like the gate."""
+    from types import SimpleNamespace
+    counts, samples, masks = [], [], []
+    for i in range(60):
+        lesion = i < 50
+        faint = lesion and i < 10  # found at 0.5, gone at 0.8
+        area = np.array([[100.0], [0.0 if faint else 90.0]]) if lesion else np.array([[50.0], [0.0]])
+        inter = np.array([[80.0], [0.0 if faint else 80.0]]) if lesion else np.zeros((2, 1))
+        counts.append((inter, area, np.zeros((2, 1), int), 0.6 * area, area))
+        samples.append(SimpleNamespace(label="benign" if lesion else "normal"))
+        masks.append(np.ones(100, bool) if lesion else np.zeros(100, bool))
+    data = SimpleNamespace(samples=samples, full_masks=masks)
+    heads = [(float("nan"), float("nan"))] * 60
+    sweep = ev._sweep_rows(counts, data, heads, (0.5, 0.8), (0.0,), (1.0,))
+    by_t = {r["threshold"]: r for r in sweep}
+    assert by_t[0.8]["cleared_share"] == pytest.approx(0.2) and by_t[0.5]["cleared_share"] == 0.0
+    assert by_t[0.8]["dice_all_b"] > by_t[0.5]["dice_all_b"]  # the normal scans pay for 0.8 ...
+    assert ev.choose_setting(sweep)["threshold"] == 0.8
+    assert ev.choose_setting(sweep, recall_floor=0.02)["threshold"] == 0.5  # ... but not at the lesions' cost
