@@ -42,6 +42,7 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -73,6 +74,7 @@ pixel_mm = ""               # pixel size for images that carry none (PNG/JPEG): 
 dicom_crop = False          # DICOM: segment only inside its ultrasound regions (scanner UI left out), as predict.py --dicom_crop
 device = "auto"             # auto (cuda, then mps, then cpu), cpu, cuda, mps
 threads = 0                 # CPU threads for torch (0: torch's default)
+backend = "torch"           # how the page starts running the network: torch, onnx or onnx-int8 (INT8 on the CPU, quantize.py); the page can switch
 benchmark = 0               # > 0: time this many uploads of a 500x500 scan (upload to result, and a box prompt), print, exit
 # ---- end of settings
 
@@ -231,7 +233,7 @@ class State:
     def __init__(self, cfg: dict):
         self.cfg = cfg
         self.lock = threading.Lock()
-        self.models: dict[str, Model] = {}
+        self.models: dict[tuple[str, str], Model] = {}  # (checkpoint name, backend)
         self.images: OrderedDict[str, Entry] = OrderedDict()
         self.prompter = None
         self.tmp = tempfile.TemporaryDirectory(prefix="bus-app-")
@@ -252,17 +254,21 @@ class State:
             raise SystemExit(f"app.py: no checkpoint: {start} does not exist and {folder} holds no .safetensors file")
         return found
 
-    def model(self, name: str) -> Model:
-        """A checkpoint by the name the page shows (never a path from the browser); loaded once."""
+    def model(self, name: str, backend: str = "") -> Model:
+        """A checkpoint by the name the page shows (never a path from the browser), run by a backend of
+        predict.BACKENDS (empty: the backend setting); loaded once."""
         if name not in self.checkpoints:
             raise UploadError(f"unknown model {name!r}; choose one of {', '.join(self.checkpoints)}")
-        if name not in self.models:
+        backend = backend or self.cfg["backend"]
+        if backend not in predict.BACKENDS:
+            raise UploadError(f"unknown backend {backend!r}; choose one of {', '.join(predict.BACKENDS)}")
+        if (name, backend) not in self.models:
             dev = predict.pick_device(self.cfg["device"])
-            predictor, meta = predict.load_predictor(str(self.checkpoints[name]), dev)
+            predictor, meta = predict.load_predictor(str(self.checkpoints[name]), dev, backend)
             from uncertainty import stored_cutoff
             cutoff = stored_cutoff(meta) if self.cfg["uncertainty"] else None
-            self.models[name] = Model(predictor, meta, cutoff, self.checkpoints[name])
-        return self.models[name]
+            self.models[(name, backend)] = Model(predictor, meta, cutoff, self.checkpoints[name])
+        return self.models[(name, backend)]
 
     def box_prompter(self):
         if self.prompter is None:
@@ -301,10 +307,10 @@ def png_data_url(img: Image.Image | np.ndarray) -> str:
 
 def filled_image(outlined: Image.Image, lesion: np.ndarray, label: str) -> Image.Image:
     """The overlay with the lesion filled in its class colour (FILL_ALPHA)."""
-    rgb = np.asarray(outlined.convert("RGB")).astype(np.float32)
+    rgb = np.array(outlined.convert("RGB"))
     colour = np.array(predict.OUTLINE_COLOURS.get(label, (255, 255, 0)), np.float32)
-    rgb[lesion] = rgb[lesion] * (1 - FILL_ALPHA) + colour * FILL_ALPHA
-    return Image.fromarray(np.round(rgb).astype(np.uint8))
+    rgb[lesion] = np.round(rgb[lesion].astype(np.float32) * (1 - FILL_ALPHA) + colour * FILL_ALPHA).astype(np.uint8)
+    return Image.fromarray(rgb)
 
 
 def csv_text(row: dict) -> str:
@@ -315,12 +321,19 @@ def csv_text(row: dict) -> str:
     return buf.getvalue()
 
 
+_ENCODER = ThreadPoolExecutor(2, thread_name_prefix="png")  # PNG encoding releases the GIL: pictures in parallel
+
+
 def _pictures(fr: predict.Frame, ro: predict.Readout, extra: str) -> dict[str, str | None]:
+    """The page's pictures as PNG data URLs; each is encoded (the larger part of the work) while the next is
+    drawn."""
     outlined = predict.overlay(fr.grey, ro.decision, ro.lesions, extra)
-    return {"outline": png_data_url(outlined),
-            "filled": png_data_url(filled_image(outlined, ro.decision.lesion, ro.decision.label)),
-            "uncertainty": None if ro.umap is None else png_data_url(predict.uncertainty_image(fr.grey, ro.umap)),
-            "mask": png_data_url(ro.decision.lesion.astype(np.uint8) * 255)}
+    jobs = {"outline": _ENCODER.submit(png_data_url, outlined)}
+    jobs["filled"] = _ENCODER.submit(png_data_url, filled_image(outlined, ro.decision.lesion, ro.decision.label))
+    if ro.umap is not None:
+        jobs["uncertainty"] = _ENCODER.submit(png_data_url, predict.uncertainty_image(fr.grey, ro.umap))
+    jobs["mask"] = _ENCODER.submit(png_data_url, ro.decision.lesion.astype(np.uint8) * 255)
+    return {"uncertainty": None, **{k: job.result() for k, job in jobs.items()}}
 
 
 def _lesion_view(lesion: dict) -> dict:
@@ -386,7 +399,7 @@ def _readout(state: State, entry: Entry, params: dict, uncertain: bool = True
              ) -> tuple[predict.Readout, str, Model, float]:
     """predict.read_out with the model and threshold the page asks for (uncertainty as the setting says)."""
     name = params.get("model") or state.default_model
-    model = state.model(name)
+    model = state.model(name, params.get("backend", ""))
     thr = _threshold(params, model)
     cfg = {"uncertainty": uncertain and state.cfg["uncertainty"], "tta": False, "batch_size": 8}
     return predict.read_out(entry.frame, model.predictor, model.meta, thr, cfg, model.cutoff), name, model, thr
@@ -449,7 +462,8 @@ def config_json(state: State) -> dict:
             "max_upload_mb": state.cfg["max_upload_mb"], "max_pixels": min(int(state.cfg["max_pixels"]),
                                                                             MAX_IMAGE_PIXELS),
             "max_files": state.cfg["max_files"], "uncertainty": state.cfg["uncertainty"],
-            "box_prompt": available(), "box_model": NAME, "pixel_mm": state.cfg["pixel_mm"], "kinds": FILE_KINDS}
+            "box_prompt": available(), "box_model": NAME, "pixel_mm": state.cfg["pixel_mm"], "kinds": FILE_KINDS,
+            "backends": list(predict.BACKENDS), "backend": state.cfg["backend"]}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -590,9 +604,10 @@ def running(cfg: dict) -> Iterator[tuple[str, ThreadingHTTPServer]]:
         server.state.tmp.cleanup()
 
 
-def run_benchmark(cfg: dict, n: int) -> dict:
+def run_benchmark(cfg: dict, n: int, boxes: bool = True) -> dict:
     """Median and best time from upload to result (HTTP, on this machine) of a 500x500 real sample, with the
-    uncertainty setting as given; and of one box prompt (the first includes LiteMedSAM's image embedding)."""
+    uncertainty and backend settings as given; and (boxes) of one box prompt (the first includes LiteMedSAM's
+    image embedding)."""
     import statistics
     import urllib.request
     sample = sorted((ROOT / "samples").glob("benign*.png"))[0]
@@ -611,8 +626,9 @@ def run_benchmark(cfg: dict, n: int) -> dict:
             dt, out = post(url, "api/predict?name=bench.png", buf.getvalue())
             times.append(dt)
             key = out["id"]
-        box = [post(url, f"api/box?id={key}&box=150,150,350,350")[0] for _ in range(2)]
-    return {"image": f"{sample.name} resized to 500x500", "uploads": n, "uncertainty": cfg["uncertainty"],
+        box = [post(url, f"api/box?id={key}&box=150,150,350,350")[0] for _ in range(2)] if boxes else [None, None]
+    return {"image": f"{sample.name} resized to 500x500", "uploads": n, "backend": cfg["backend"],
+            "uncertainty": cfg["uncertainty"],
             "median_s": statistics.median(times), "best_s": min(times), "first_box_s": box[0], "next_box_s": box[1]}
 
 

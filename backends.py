@@ -60,6 +60,15 @@ def predict_logits(model: torch.nn.Module, images: np.ndarray | torch.Tensor, de
     return (seg, torch.cat(clss)) if clss else seg
 
 
+def onnx_file_predictor(onnx_path: str | Path, threads: int = 0):
+    """session_predictor of an ONNX file on `threads` cores (0: as many as torch uses): one session on all of them
+    for single images, one on a single thread that runs the parts of a batch side by side."""
+    cores = threads or torch.get_num_threads()
+    if cores < 2:
+        return session_predictor(make_session(onnx_path, 1))
+    return session_predictor(make_session(onnx_path, cores), batch_session=make_session(onnx_path, 1), workers=cores)
+
+
 def make_session(onnx_path: str | Path, threads: int = 0):
     """An ONNX Runtime CPU session; threads 0: as many intra-op threads as torch uses (the CPU's cores)."""
     import onnxruntime as ort
@@ -72,15 +81,28 @@ def make_session(onnx_path: str | Path, threads: int = 0):
     return ort.InferenceSession(str(onnx_path), sess_options=so, providers=["CPUExecutionProvider"])
 
 
-def session_predictor(session, batch_size_default: int = 8):
+def session_predictor(session, batch_size_default: int = 8, batch_session=None, workers: int = 1):
     """(uint8 images N x 1 x S x S as numpy or torch, batch_size, tta) -> torch float32 logits N x C x S x S
     (and, for a model with a classification head, its label logits N x K as a tuple), with
-    predict.predict_logits' semantics (dataset.normalize; tta averages with the mirrored image)."""
+    predict.predict_logits' semantics (dataset.normalize; tta averages with the mirrored image).
+
+    With batch_session (a session on one intra-op thread) and workers > 1, a batch of several images is split
+    into `workers` parts that batch_session runs at the same time, one per core; a single image goes to session
+    (on all cores). On few cores the parts scale better than one run's operators spread over the cores: the
+    many small operators of these networks leave the second core waiting (measured: docs/performance.md)."""
     in_name = session.get_inputs()[0].name
     with_head = len(session.get_outputs()) > 1
+    pool = None
+    if batch_session is not None and workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="onnx")  # session.run releases the GIL
 
     def run(x: np.ndarray) -> list[np.ndarray]:
-        return session.run(None, {in_name: np.ascontiguousarray(x)})
+        if pool is None or len(x) < 2:
+            return session.run(None, {in_name: np.ascontiguousarray(x)})
+        parts = [p for p in np.array_split(x, min(workers, len(x))) if len(p)]
+        outs = list(pool.map(lambda p: batch_session.run(None, {in_name: np.ascontiguousarray(p)}), parts))
+        return [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
 
     def as_tensor(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))

@@ -1,22 +1,31 @@
-"""Speed of training, inference and the data pipeline, against a naive baseline and the machine's ceiling.
+"""Speed of what is shipped, from one run on one machine: every shipped model's inference (a naive PyTorch loop,
+the PyTorch backend, ONNX Runtime fp32 and INT8), the web page from upload to result, and training with the
+default model's recipe against a naive loop; beside the machine's measured compute ceiling.
 
-    python bench.py                                  # synthetic phantoms, 256x256, batch 8 (a few minutes on 2 cores)
-    python bench.py --data_dir ../shared/data/BUSI   # the real images (a subset: --n_images)
-    python bench.py --cpu_bf16                       # also the project path with bf16 autocast on the CPU (AMX)
-    python bench.py --compile                        # also the project path under torch.compile (compile time counted)
-    python bench.py --quick                          # tiny settings, one process, seconds (used by the tests)
+    python bench.py                                   # every shipped model (reproduce.MODELS): 3-4 min on 2 cores
+    python bench.py --models default                  # one model (reproduce.py's names)
+    python bench.py --data_dir data/BUSI              # train on real BUSI images (default: synthetic phantoms)
+    python bench.py --quick                           # tiny settings and a tiny model, one process (the tests)
 
-It prints, from one run on one machine, a markdown table:
-  (a) the project's path: the whole set in memory as one uint8 tensor, batches augmented with tensor ops
-      (train.make_batch -> augment.augment_batch), channels_last, the optimizer step; inference through
-      predict.predict_logits (inference_mode, channels_last) and through ONNX Runtime;
-  (b) a naive baseline: eager PyTorch, contiguous tensors, a per-sample Dataset + DataLoader(num_workers=0)
-      with on-the-fly PIL augmentation (with --data_dir it also decodes every file on every access);
-and a/b; then the measured compute ceiling (a large sgemm with numpy and torch, and a large oneDNN 3x3
-convolution), the model's FLOPs per image (torch.utils.flop_counter) and the fraction of the ceiling reached.
-Each path runs in its own process, so its peak memory (ru_maxrss; torch.cuda.max_memory_allocated on CUDA)
-is its own. Throughputs are the median over timed batches, after warm-up. The load average is printed with
-each path: on a shared machine the numbers are only as good as the quiet they were measured in.
+Inference, for each model at its own input size, on the six scans of samples/ (resized as predict.py does):
+  naive       eager PyTorch: contiguous tensors, torch.no_grad, the model as loaded
+  torch fp32  predict.py --backend torch (backends.predict_logits: inference_mode, channels_last)
+  ONNX fp32   predict.py --backend onnx (export_onnx.py, ONNX Runtime with all graph optimizations)
+  ONNX INT8   predict.py --backend onnx-int8 (quantize.py; the .int8.onnx is built before timing if missing)
+batched: images/s over infer_images images in batches of batch_size (normalization included); latency: the median
+of latency_runs calls with one image; the paths take turns in two blocks, so that a slow spell hits them alike.
+GFLOP/s counts the fp32 model's FLOPs (torch.utils.flop_counter), also for INT8, so that the paths compare with
+the fp32 ceiling on one scale.
+Page: app.py's upload-to-result of a 500x500 scan over HTTP on this machine (app.run_benchmark), with and without
+the uncertainty, with the torch and the INT8 backends; for the INT8 run with the uncertainty also where the time
+goes (decoding, network, post-processing, pictures and JSON, HTTP and JSON transport).
+Training: the default model's recipe (its model, loss, optimizer and schedule, augmentation, channels_last, batch
+size and image size) as train.py runs it (the set in memory as uint8, batched augmentation on the device) against
+a naive loop (a per-sample Dataset with PIL augmentation of the same kinds, DataLoader(num_workers=0), contiguous
+tensors; the same model, loss and optimizer). Only the encoder's starting weights differ (random: no download).
+Ceiling: the best of a large sgemm (numpy, torch) and a large oneDNN 3x3 convolution, in GFLOP/s.
+Each part runs in its own process (so its peak memory is its own); rates are medians after warm-up; the load
+average is printed per part: on a shared machine the numbers are only as good as the quiet they were measured in.
 """
 from __future__ import annotations
 
@@ -34,7 +43,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
@@ -42,11 +50,11 @@ if str(ROOT) not in sys.path:
 
 RESULT_TAG = "BENCH_RESULT "
 # Every line bench.py promises to print (the tests check them).
-LINES = ("machine:", "load average", "compute ceiling:", "model FLOPs per image:", "| training images/s",
-         "| batched inference images/s", "| single-image latency ms", "| data pipeline images/s",
-         "| peak memory MiB", "fraction of the ceiling:", "CPU seconds per image", "original recipe", "targets:")
-TARGETS = {"train": 2.9, "infer": 11.0, "latency_ms": 150.0, "pipeline_x": 10.0, "gpu_recipe_min": 10.0}
-BUSI_TRAIN_IMAGES = 624  # BUSI's 780 images less duplicates, 80 % for training (the original recipe's split)
+LINES = ("machine:", "load average", "compute ceiling:", "| model", "| page", "| training", "targets:")
+PATHS = ("naive", "torch fp32", "ONNX fp32", "ONNX INT8")
+BACKEND_OF = {"torch fp32": "torch", "ONNX fp32": "onnx", "ONNX INT8": "onnx-int8"}
+TARGETS = {"int8_batched_x": 1.5, "int8_latency_x": 1.4, "page_s": 0.15, "train_x": 1.25}
+PAGE_RUNS = (("torch", True), ("torch", False), ("onnx-int8", True), ("onnx-int8", False))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -65,42 +73,27 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-_LAST_CPU: list[float] = []
-
-
-def timed(fn, n: int, warmup: int, dev: torch.device) -> list[float]:
-    """Wall seconds of each of n calls of fn after `warmup` untimed calls (their process CPU seconds, all
-    threads, go to last_cpu())."""
+def timed(fn, n: int, warmup: int, dev: torch.device = torch.device("cpu")) -> list[float]:
+    """Wall seconds of each of n calls of fn after `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
     sync(dev)
-    out, cpu = [], []
+    out = []
     for _ in range(n):
-        t, c = time.perf_counter(), time.process_time()
+        t = time.perf_counter()
         fn()
         sync(dev)
         out.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-    _LAST_CPU[:] = cpu
     return out
-
-
-def last_cpu() -> float:
-    """Median process CPU seconds of the calls timed last."""
-    return median(_LAST_CPU)
 
 
 def median(xs: list[float]) -> float:
     return float(np.median(xs)) if xs else float("nan")
 
 
-def peak_memory_mib(dev: torch.device) -> dict:
+def peak_rss_mib() -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    rss_mib = rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10
-    out = {"rss_mib": rss_mib}
-    if dev.type == "cuda":
-        out["cuda_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
-    return out
+    return rss / 2 ** 20 if sys.platform == "darwin" else rss / 2 ** 10
 
 
 def pick_device(name: str) -> torch.device:
@@ -119,25 +112,50 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def has_cpu_bf16() -> bool:
-    """bf16 matrix units (AMX) or AVX512-BF16: bf16 autocast can pay on this CPU."""
-    cpu = torch.cpu
-    return any(getattr(cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+def cpu_int8_flags() -> str:
+    """The CPU's 8-bit dot-product instructions (what INT8 speed depends on)."""
+    try:
+        flags = next((l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")), "").split()
+    except OSError:
+        return "unknown"
+    found = [f for f in ("avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    return ", ".join(found) if found else "no VNNI (INT8 gains less)"
+
+
+def shipped_checkpoints(names: str) -> list[Path]:
+    """The files of reproduce.MODELS (all, or the comma-separated names; 'default' is predict.py's)."""
+    import reproduce
+    keys = list(reproduce.MODELS) if names in ("", "all") else [reproduce.resolve(n.strip()) for n in names.split(",")]
+    return [ROOT / reproduce.MODELS[k].file for k in keys]
+
+
+def default_checkpoint() -> Path:
+    import predict
+    return ROOT / predict.checkpoint
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------------------
 
+def sample_images(size: int, n: int) -> np.ndarray:
+    """n network-size images (uint8 N x 1 x S x S): the scans of samples/ in turn, resized as predict.py does."""
+    from dataset import load_image, resize_image
+    files = sorted((ROOT / "samples").glob("*.png"))
+    base = [resize_image(load_image(f), size)[None] for f in files]
+    return np.stack([base[i % len(base)] for i in range(n)])
+
+
 def synthetic_set(n: int, size: int, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
     """n phantoms at a non-square 'native' resolution (1.25 x wider than tall, like scans): images, masks, classes."""
-    from phantom import make_phantom
     from dataset import CLASS_NAMES
+    from phantom import make_phantom
     imgs, masks, labels = [], [], []
     for i in range(n):
-        label = CLASS_NAMES[i % 3]
-        img, mask = make_phantom(label, size, int(size * 1.25), seed=seed + i)
-        imgs.append(img); masks.append(mask); labels.append(i % 3)
+        img, mask = make_phantom(CLASS_NAMES[i % 3], size, int(size * 1.25), seed=seed + i)
+        imgs.append(img)
+        masks.append(mask)
+        labels.append(i % 3)
     return imgs, masks, labels
 
 
@@ -146,34 +164,38 @@ def busi_samples(data_dir: str, n: int) -> list:
     import dataset
     samples = dataset.discover(data_dir)
     if 0 < n < len(samples):
-        step = len(samples) / n
-        samples = [samples[int(i * step)] for i in range(n)]
+        samples = [samples[int(i * len(samples) / n)] for i in range(n)]
     return samples
 
 
-def project_data(args) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The whole set preprocessed once into memory: (uint8 N x 1 x S x S, uint8 N x C x S x S, seconds)."""
+def project_data(args, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+    """The training set preprocessed once into memory: (uint8 N x 1 x S x S, uint8 N x C x S x S, class index N,
+    seconds)."""
     import dataset
     t = time.perf_counter()
     if args.data_dir:
-        loaded = dataset.load_set(busi_samples(args.data_dir, args.n_images), args.image_size)
+        loaded = dataset.load_set(busi_samples(args.data_dir, args.n_images), size)
         images, targets = loaded.images, loaded.targets
+        labels = [dataset.CLASS_NAMES.index(s.label) for s in loaded.samples]
     else:
-        imgs, masks, labels = synthetic_set(args.n_images, args.image_size, args.seed)
-        images = np.stack([dataset.resize_image(im, args.image_size)[None] for im in imgs])
-        targets = np.zeros((len(imgs), len(dataset.LESION_CLASSES), args.image_size, args.image_size), np.uint8)
+        imgs, masks, labels = synthetic_set(args.n_images, size, args.seed)
+        images = np.stack([dataset.resize_image(im, size)[None] for im in imgs])
+        targets = np.zeros((len(imgs), len(dataset.LESION_CLASSES), size, size), np.uint8)
         for i, (m, c) in enumerate(zip(masks, labels)):
             if c > 0:
-                targets[i, c - 1] = dataset.resize_mask(m, args.image_size)
-    return torch.as_tensor(images), torch.as_tensor(targets), time.perf_counter() - t
+                targets[i, c - 1] = dataset.resize_mask(m, size)
+    return torch.as_tensor(images), torch.as_tensor(targets), torch.tensor(labels), time.perf_counter() - t
 
 
 class NaiveDataset(torch.utils.data.Dataset):
     """The usual per-sample Dataset: each item resized and augmented with PIL on the fly (decoded from its
-    files on every access when built from BUSI samples). Variant 0 of each image is left unaugmented."""
+    files on every access when built from BUSI samples): flips, rotation, zoom, shift, brightness, contrast,
+    gamma, blur, speckle, and with scanner=True also a down-up resampling and a depth gain ramp, as the recipe's
+    scanner augmentation has. Variant 0 of each image is left unaugmented. Items: (image, target, class)."""
 
-    def __init__(self, size: int, expand: int, seed: int, samples=None, images=None, masks=None, labels=None):
-        self.size, self.expand, self.seed = size, expand, seed
+    def __init__(self, size: int, expand: int, seed: int, samples=None, images=None, masks=None, labels=None,
+                 scanner: bool = False):
+        self.size, self.expand, self.seed, self.scanner = size, expand, seed, scanner
         self.samples, self.images, self.masks, self.labels = samples, images, masks, labels
         self.n = len(samples) if samples is not None else len(images)
         self.calls = 0
@@ -187,11 +209,39 @@ class NaiveDataset(torch.utils.data.Dataset):
             s = self.samples[i]
             grey = dataset.load_image(s.image)
             mask = dataset.load_mask_union(s.masks, grey.shape)
-            return grey, mask, (s.lesion_index + 1) if s.lesion_index is not None else 0
+            return grey, mask, dataset.CLASS_NAMES.index(s.label)
         return self.images[i], self.masks[i], self.labels[i]
 
-    def __getitem__(self, k: int):
+    def _augment(self, img, msk, rng):
         from PIL import Image, ImageEnhance, ImageFilter
+        size = self.size
+        if rng.random() < 0.5:
+            img, msk = img.transpose(Image.FLIP_LEFT_RIGHT), msk.transpose(Image.FLIP_LEFT_RIGHT)
+        angle = math.radians(rng.uniform(-15, 15))
+        zoom = rng.uniform(0.8, 1.4) if self.scanner else rng.uniform(0.85, 1.2)
+        tx, ty = rng.uniform(-0.08, 0.08, 2) * size
+        c, s_ = math.cos(angle) / zoom, math.sin(angle) / zoom
+        cx = cy = size / 2
+        coeffs = (c, -s_, cx - c * cx + s_ * cy - tx, s_, c, cy - s_ * cx - c * cy - ty)
+        img = img.transform((size, size), Image.AFFINE, coeffs, resample=Image.BILINEAR)
+        msk = msk.transform((size, size), Image.AFFINE, coeffs, resample=Image.BILINEAR)
+        if self.scanner and rng.random() < 0.3:  # a scanner of lower resolution
+            small = max(8, int(size * rng.uniform(0.35, 0.8)))
+            img = img.resize((small, small), Image.BILINEAR).resize((size, size), Image.BILINEAR)
+        img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.85, 1.15) if self.scanner else rng.uniform(0.9, 1.1))
+        img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.6, 1.5) if self.scanner else rng.uniform(0.8, 1.25))
+        gamma = rng.uniform(0.5, 1.8) if self.scanner else rng.uniform(0.7, 1.4)
+        img = img.point([round(255 * (v / 255) ** gamma) for v in range(256)])
+        if rng.random() < (0.3 if self.scanner else 0.25):
+            img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.4, 1.6)))
+        a = np.asarray(img, dtype=np.float32) / 255
+        if self.scanner:  # depth gain ramp
+            a = a * (1 + rng.uniform(-0.5, 0.5) * np.linspace(-0.5, 0.5, size, dtype=np.float32))[:, None]
+        a = np.clip(a * (1 + rng.uniform(0, 0.25) * rng.standard_normal(a.shape).astype(np.float32)), 0, 1)
+        return a, msk
+
+    def __getitem__(self, k: int):
+        from PIL import Image
         import dataset
         i, variant = k % self.n, k // self.n
         grey, mask, cls = self._raw(i)
@@ -199,232 +249,267 @@ class NaiveDataset(torch.utils.data.Dataset):
         img = Image.fromarray(grey).resize((size, size), Image.BILINEAR)
         msk = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
         if variant > 0:
-            rng = np.random.default_rng((self.seed, k, self.calls))
             self.calls += 1
-            if rng.random() < 0.5:
-                img, msk = img.transpose(Image.FLIP_LEFT_RIGHT), msk.transpose(Image.FLIP_LEFT_RIGHT)
-            angle = math.radians(rng.uniform(-15, 15))
-            zoom = rng.uniform(0.85, 1.2)
-            tx, ty = rng.uniform(-0.08, 0.08, 2) * size
-            c, s_ = math.cos(angle) / zoom, math.sin(angle) / zoom
-            cx = cy = size / 2
-            coeffs = (c, -s_, cx - c * cx + s_ * cy - tx, s_, c, cy - s_ * cx - c * cy - ty)
-            img = img.transform((size, size), Image.AFFINE, coeffs, resample=Image.BILINEAR)
-            msk = msk.transform((size, size), Image.AFFINE, coeffs, resample=Image.BILINEAR)
-            img = ImageEnhance.Brightness(img).enhance(rng.uniform(0.9, 1.1))
-            img = ImageEnhance.Contrast(img).enhance(rng.uniform(0.8, 1.25))
-            gamma = rng.uniform(0.7, 1.4)
-            img = img.point([round(255 * (v / 255) ** gamma) for v in range(256)])
-            if rng.random() < 0.25:
-                img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.4, 1.2)))
-            a = np.asarray(img, dtype=np.float32) / 255
-            a = np.clip(a * (1 + rng.uniform(0, 0.15) * rng.standard_normal(a.shape).astype(np.float32)), 0, 1)
+            a, msk = self._augment(img, msk, np.random.default_rng((self.seed, k, self.calls)))
         else:
             a = np.asarray(img, dtype=np.float32) / 255
         x = torch.from_numpy(dataset.normalize(a * 255).astype(np.float32))[None]
         y = torch.zeros(len(dataset.LESION_CLASSES), size, size)
         if cls > 0:
             y[cls - 1] = torch.from_numpy(np.asarray(msk) >= 128).float()
-        return x, y
-
-
-def naive_dataset(args, expand: int) -> NaiveDataset:
-    if args.data_dir:
-        return NaiveDataset(args.image_size, expand, args.seed, samples=busi_samples(args.data_dir, args.n_images))
-    imgs, masks, labels = synthetic_set(args.n_images, args.image_size, args.seed)
-    return NaiveDataset(args.image_size, expand, args.seed, images=imgs, masks=masks, labels=labels)
+        return x, y, cls
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The paths (each runs in its own process)
+# Inference of one shipped model (own process)
 # ---------------------------------------------------------------------------------------------------------
 
-def new_model(args, dev: torch.device, channels_last: bool):
-    from model import build_model
-    import dataset
-    torch.manual_seed(args.seed)
-    model = build_model(args.encoder, None, len(dataset.LESION_CLASSES), 1).to(dev)
-    return model.to(memory_format=torch.channels_last) if channels_last else model
+def forward_gflop(model: torch.nn.Module, size: int) -> float:
+    """Forward FLOPs per image (convolutions and matmuls, torch.utils.flop_counter), in GFLOP."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(torch.zeros(1, 1, size, size))
+    return fc.get_total_flops() / 1e9
 
 
-def run_project(args, dev: torch.device, variant: str) -> dict:
-    """The project's path: train.make_batch + the training step of train.py; predict.predict_logits."""
+def run_infer(args, checkpoint: Path, dev: torch.device) -> dict:
+    """Batched images/s and single-image latency of each path of PATHS for one checkpoint."""
+    import predict
+    from backends import split_output
+    from dataset import normalize
+    from model import load_checkpoint
+    res = {"load_start": loadavg(), "checkpoint": str(checkpoint.relative_to(ROOT) if checkpoint.is_relative_to(ROOT)
+                                                     else checkpoint), "paths": {}}
+    model, meta = load_checkpoint(checkpoint, "cpu")
+    size, bs = int(meta["image_size"]), args.batch_size
+    res.update(image_size=size, encoder=meta.get("encoder"), head=bool(meta.get("head")))
+    res["gflop"] = forward_gflop(model.eval(), size)
+    imgs = sample_images(size, args.infer_images)
+    naive_model = model.to(dev).eval()
+
+    def naive(batch: np.ndarray, batch_size: int, _tta: bool = False):
+        with torch.no_grad():
+            outs = [naive_model(normalize(torch.from_numpy(batch[i:i + batch_size]).float()).to(dev))
+                    for i in range(0, len(batch), batch_size)]
+        sync(dev)
+        return outs
+
+    predictors = {"naive": naive}
+    for path, backend in BACKEND_OF.items():
+        if path == "ONNX INT8" and args.no_int8:
+            res["paths"][path] = {"skipped": "--no_int8"}
+            continue
+        try:
+            predictors[path] = predict.load_predictor(str(checkpoint), torch.device("cpu") if "ONNX" in path
+                                                      else dev, backend)[0]
+        except Exception as e:  # noqa: BLE001 - e.g. INT8 without the training images to calibrate on
+            res["paths"][path] = {"skipped": f"{type(e).__name__}: {e}"}
+    # two blocks in which the paths take turns (A B C D, A B C D), so that a slower spell of the machine is
+    # unlikely to hit one path only
+    batched = {path: [] for path in predictors}
+    single = {path: [] for path in predictors}
+    for fn in predictors.values():
+        timed(lambda: fn(imgs, bs, False), 0, 1, dev)
+    for _ in range(2):
+        for path, fn in predictors.items():
+            batched[path] += timed(lambda: fn(imgs, bs, False), max(1, -(-args.infer_repeats // 2)), 0, dev)
+            single[path] += timed(lambda: fn(imgs[:1], 1, False), max(1, -(-args.latency_runs // 2)), 1, dev)
+    for path in predictors:
+        res["paths"][path] = {"ips": len(imgs) / median(batched[path]), "latency_ms": 1000 * median(single[path])}
+    probs = {p: torch.sigmoid(split_output(predictors[p](imgs[:4], bs, False))[0].float().cpu())
+             for p in ("torch fp32", "ONNX fp32", "ONNX INT8") if p in predictors}
+    if "ONNX fp32" in probs:
+        res["onnx_max_prob_diff"] = float((probs["ONNX fp32"] - probs["torch fp32"]).abs().max())
+    if "ONNX INT8" in probs and "ONNX fp32" in probs:
+        res["int8_mean_prob_diff"] = float((probs["ONNX INT8"] - probs["ONNX fp32"]).abs().mean())
+    res.update(rss_mib=peak_rss_mib(), load_end=loadavg())
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The web page (own process)
+# ---------------------------------------------------------------------------------------------------------
+
+def run_page(args, checkpoint: Path, dev: torch.device) -> dict:
+    """app.run_benchmark for each of PAGE_RUNS; the INT8 run with the uncertainty also split into its parts."""
+    import app
+    import predict
+    res = {"load_start": loadavg(), "checkpoint": checkpoint.name, "runs": []}
+    parts: dict[str, list[float]] = {}
+
+    def clocked(name: str, fn):
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                parts.setdefault(name, []).append(time.perf_counter() - t)
+        return wrapper
+
+    plain = (app.decode_upload, predict.read_out, app.result_json, predict.load_predictor)
+    for backend, uncertain in PAGE_RUNS:
+        if backend == "onnx-int8" and args.no_int8:
+            continue
+        cfg = app.default_settings(checkpoint=str(checkpoint), checkpoint_dir=str(checkpoint.parent),
+                                   device=str(dev), backend=backend, uncertainty=uncertain)
+        split = backend == "onnx-int8" and uncertain
+        if split:  # where the time of an upload goes: each step timed, the network inside the predictor
+            parts.clear()
+            app.decode_upload = clocked("decode", app.decode_upload)
+            predict.read_out = clocked("read_out", predict.read_out)
+            app.result_json = clocked("pictures and JSON", app.result_json)
+            def load_clocked(*a, **k):
+                predictor, meta = plain[3](*a, **k)
+                return clocked("network", predictor), meta
+            predict.load_predictor = load_clocked
+        try:
+            r = app.run_benchmark(cfg, args.page_uploads, boxes=False)
+        except Exception as e:  # noqa: BLE001 - e.g. INT8 without the training images to calibrate on
+            r = {"backend": backend, "uncertainty": uncertain, "skipped": f"{type(e).__name__}: {e}"}
+        finally:
+            app.decode_upload, predict.read_out, app.result_json, predict.load_predictor = plain
+        res["runs"].append(r)
+        if split and "median_s" in r:
+            keep = args.page_uploads  # the warm-up upload is left out
+            med = {k: 1000 * median(v[-keep:]) for k, v in parts.items()}
+            res["parts_ms"] = {"decode": med.get("decode", 0.0), "network": med.get("network", 0.0),
+                               "post-processing": med.get("read_out", 0.0) - med.get("network", 0.0),
+                               "pictures and JSON": med.get("pictures and JSON", 0.0)}
+            res["parts_ms"]["HTTP and JSON transport"] = 1000 * r["median_s"] - sum(res["parts_ms"].values())
+    res.update(rss_mib=peak_rss_mib(), load_end=loadavg())
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training with the default's recipe (own process per path)
+# ---------------------------------------------------------------------------------------------------------
+
+def recipe_settings(args) -> dict:
+    """train.py's settings of the default model's recipe (its last recipe file), the encoder without starting
+    weights (no download) and, with --quick, tiny sizes."""
+    import reproduce
+    spec = reproduce.MODELS[reproduce.resolve("default")]
+    cfg = reproduce.recipe_cfg(spec.recipes[0])  # the default (BUSI-only) model has one recipe
+    cfg.update(encoder_weights="", init_from="")
+    if args.train_image_size:
+        cfg["image_size"] = args.train_image_size
+    if args.train_batch_size:
+        cfg["batch_size"] = args.train_batch_size
+    cfg["recipe"] = spec.recipes[0]
+    return cfg
+
+
+def _train_step_fn(cfg: dict, model, batches, dev: torch.device):
+    """One optimizer step as train.train_step takes it: (next batch) -> None."""
     import train
-    from augment import expanded_order
-    from backends import predict_logits
-    bf16 = variant == "bf16"
-    use_amp = dev.type == "cuda" or bf16           # train.py: bf16 autocast on CUDA; here also on the CPU if asked
-    amp_dev = dev.type
-    res = {"load_start": loadavg()}
-    images, targets, res["decode_s"] = project_data(args)
-    images_dev, targets_dev = images.to(dev), targets.to(dev)
-    n, bs = len(images), args.batch_size
-    epoch_g = train.epoch_generator(args.seed, 1)
-    idx_all, var_all = expanded_order(n, args.expand, epoch_g)
-    n_batches = len(idx_all) // bs
-
-    def batch(b: int):
-        sel = slice((b % n_batches) * bs, (b % n_batches) * bs + bs)
-        return train.make_batch(idx_all[sel], var_all[sel], train.epoch_generator(args.seed, 1, b), images_dev,
-                                targets_dev, True)
-
-    # data pipeline alone (what the model waits for)
-    counter = iter(range(10 ** 9))
-    ts = timed(lambda: batch(next(counter)), args.pipeline_batches, 1, dev)
-    res["pipeline_ips"] = bs / median(ts)
-
-    # training step, as in train.py's loop
-    model = new_model(args, dev, True).train()
-    cfg = {"optimizer": "rmsprop", "lr": 1e-3, "weight_decay": 0.0}
     opt = train.make_optimizer(cfg, model.parameters())
-    step_model = model
-    if variant == "compile":
-        step_model = torch.compile(model)
+    sched = train.make_scheduler(cfg, opt, 1000)
+    loss_fn = train.make_loss(cfg)
+    use_amp = bool(cfg["amp"]) and dev.type == "cuda"
 
     def step() -> None:
-        x, y = batch(next(counter))
-        with torch.autocast(amp_dev, dtype=torch.bfloat16, enabled=use_amp):
-            logits = step_model(x)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+        x, y, labels = batches()
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
+            out = model(x)
+        loss = loss_fn(out, y, labels)
         if not torch.isfinite(loss):
             raise RuntimeError("loss not finite")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if cfg["lr_schedule"] == "onecycle":
+            sched.step()
         float(loss.detach())
+    return step
 
-    if variant == "compile":
-        t = time.perf_counter()
-        step()
-        sync(dev)
-        res["compile_s"] = time.perf_counter() - t
-    ts = timed(step, args.train_steps, args.warmup, dev)
-    res["train_ips"] = bs / median(ts)
-    res["train_cpu_s"] = last_cpu() / bs
-    res["train_steps"] = len(ts)
 
-    # inference
-    model.eval()
-    infer_model = model
-    if variant == "compile":
-        t = time.perf_counter()
-        infer_model = torch.compile(model)
-        with torch.inference_mode():
-            infer_model(torch.zeros(bs, 1, args.image_size, args.image_size, device=dev).contiguous(
-                memory_format=torch.channels_last))
-        res["compile_infer_s"] = time.perf_counter() - t
-    imgs = images[torch.arange(args.infer_images) % n]
+def run_train_project(args, dev: torch.device) -> dict:
+    """The recipe's path: train.make_batch (in-memory uint8 set, batched augmentation) and train.py's step."""
+    import train
+    from augment import AugmentConfig, expanded_order
+    cfg = recipe_settings(args)
+    res = {"load_start": loadavg()}
+    images, targets, labels, res["decode_s"] = project_data(args, cfg["image_size"])
+    images, targets, labels = images.to(dev), targets.to(dev), labels.to(dev)
+    bs, aug = cfg["batch_size"], AugmentConfig.preset(cfg["augment"])
+    idx_all, var_all = expanded_order(len(images), max(2, cfg["expand"]), train.epoch_generator(args.seed, 1))
+    n_batches = len(idx_all) // bs
+    counter = iter(range(10 ** 9))
 
-    def infer(batch_images, batch_size, channels_last=True):
-        with torch.autocast(amp_dev, dtype=torch.bfloat16, enabled=use_amp):
-            return predict_logits(infer_model, batch_images, dev, batch_size, False, channels_last)
+    def batch():
+        b = next(counter) % n_batches
+        idx, var = idx_all[b * bs:(b + 1) * bs], var_all[b * bs:(b + 1) * bs]
+        x, y = train.make_batch(idx, var, train.epoch_generator(args.seed, 1, b), images, targets,
+                                cfg["channels_last"], aug)
+        return x, y, labels[idx.to(dev)]
 
-    ts = timed(lambda: infer(imgs, bs), max(1, args.infer_repeats), 1, dev)
-    res["infer_ips"] = len(imgs) / median(ts)
-    res["infer_cpu_s"] = last_cpu() / len(imgs)
-    ts = timed(lambda: infer(imgs[:1], 1), args.latency_runs, 2, dev)
-    res["latency_ms"] = 1000 * median(ts)
-    if variant == "fp32":
-        model_c = model.to(memory_format=torch.contiguous_format)
-        infer_model = model_c
-        ts = timed(lambda: infer(imgs, bs, False), max(1, args.infer_repeats), 1, dev)
-        res["infer_contiguous_ips"] = len(imgs) / median(ts)
-        ts = timed(lambda: infer(imgs[:1], 1, False), args.latency_runs, 2, dev)
-        res["latency_contiguous_ms"] = 1000 * median(ts)
-    res.update(memory=peak_memory_mib(dev), load_end=loadavg(), n_images=n)
+    res["pipeline_ips"] = bs / median(timed(batch, args.pipeline_batches, 1, dev))
+    torch.manual_seed(args.seed)
+    model = train.make_model(cfg).to(dev).train()
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    step = _train_step_fn(cfg, model, batch, dev)
+    res["train_ips"] = bs / median(timed(step, args.train_steps, args.warmup, dev))
+    res.update(rss_mib=peak_rss_mib(), load_end=loadavg(), n_images=len(images), batch_size=bs,
+               image_size=cfg["image_size"], encoder=cfg["encoder"], recipe=cfg["recipe"],
+               channels_last=bool(cfg["channels_last"]))
+    res["train_gflop"] = train_gflop(cfg)
     return res
 
 
-def run_naive(args, dev: torch.device) -> dict:
-    """The naive baseline: per-sample Dataset with PIL augmentation, DataLoader(num_workers=0), eager,
-    contiguous tensors; inference in no_grad on contiguous batches."""
+def train_gflop(cfg: dict) -> float:
+    """Forward + backward FLOPs per training image of the recipe's model, in GFLOP: 3 x the forward's (the backward
+    computes the gradients of the inputs and of the weights, each a forward's worth). torch.utils.flop_counter
+    agrees for plain convolutions but counts the backward of depthwise ones as if they were dense (8.6 x the
+    forward for EfficientNet-Lite0)."""
+    import train
+    return 3 * forward_gflop(train.make_model(cfg).eval(), cfg["image_size"])
+
+
+def run_train_naive(args, dev: torch.device) -> dict:
+    """The naive loop: per-sample Dataset with PIL augmentation, DataLoader(num_workers=0), contiguous tensors,
+    the recipe's model, loss and optimizer."""
+    import train
+    cfg = recipe_settings(args)
     res = {"load_start": loadavg()}
-    bs = args.batch_size
-    ds = naive_dataset(args, args.expand)
-    g = torch.Generator().manual_seed(args.seed)
+    size, bs = cfg["image_size"], cfg["batch_size"]
+    scanner = cfg["augment"] == "scanner"
+    if args.data_dir:
+        ds = NaiveDataset(size, max(2, cfg["expand"]), args.seed, samples=busi_samples(args.data_dir, args.n_images),
+                          scanner=scanner)
+    else:
+        imgs, masks, labels = synthetic_set(args.n_images, size, args.seed)
+        ds = NaiveDataset(size, max(2, cfg["expand"]), args.seed, images=imgs, masks=masks, labels=labels,
+                          scanner=scanner)
     loader = torch.utils.data.DataLoader(ds, batch_size=bs, shuffle=True, num_workers=0, drop_last=True,
-                                         generator=g)
+                                         generator=torch.Generator().manual_seed(args.seed))
     it = iter(())
 
-    def next_batch():
+    def batch():
         nonlocal it
         try:
-            return next(it)
+            x, y, c = next(it)
         except StopIteration:
             it = iter(loader)
-            return next(it)
+            x, y, c = next(it)
+        return x.to(dev), y.to(dev), c.to(dev)
 
-    ts = timed(next_batch, args.pipeline_batches, 1, dev)
-    res["pipeline_ips"] = bs / median(ts)
-
-    model = new_model(args, dev, False).train()
-    opt = torch.optim.RMSprop(model.parameters(), lr=1e-3)
-
-    def step() -> None:
-        x, y = next_batch()
-        x, y = x.to(dev), y.to(dev)
-        loss = F.binary_cross_entropy_with_logits(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        float(loss.detach())
-
-    ts = timed(step, args.train_steps, args.warmup, dev)
-    res["train_ips"] = bs / median(ts)
-    res["train_cpu_s"] = last_cpu() / bs
-
-    model.eval()
-    plain = NaiveDataset(args.image_size, 1, args.seed, images=ds.images, masks=ds.masks, labels=ds.labels,
-                         samples=ds.samples)
-    items = [plain[i % len(plain)][0] for i in range(args.infer_images)]  # decoded once: inference alone
-
-    def infer(xs: list[torch.Tensor], batch_size: int) -> None:
-        with torch.no_grad():
-            for i in range(0, len(xs), batch_size):
-                model(torch.stack(xs[i:i + batch_size]).to(dev)).cpu()
-
-    ts = timed(lambda: infer(items, bs), max(1, args.infer_repeats), 1, dev)
-    res["infer_ips"] = len(items) / median(ts)
-    res["infer_cpu_s"] = last_cpu() / len(items)
-    ts = timed(lambda: infer(items[:1], 1), args.latency_runs, 2, dev)
-    res["latency_ms"] = 1000 * median(ts)
-    res.update(memory=peak_memory_mib(dev), load_end=loadavg())
-    return res
-
-
-def run_onnx(args, dev: torch.device) -> dict:
-    """ONNX Runtime (CPU) inference of the same model, through export_onnx's predictor."""
-    import backends
-    import export_onnx
-    from backends import predict_logits
-    res = {"load_start": loadavg()}
-    images, _, _ = project_data(args)
-    n, bs = len(images), args.batch_size
-    model = new_model(args, torch.device("cpu"), False).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        t = time.perf_counter()
-        path = export_onnx.export_model(model, Path(tmp) / "bench.onnx", args.image_size)
-        res["export_s"] = time.perf_counter() - t
-        session = backends.make_session(path, args.threads)
-    predictor = backends.session_predictor(session)
-    imgs = images[torch.arange(args.infer_images) % n]
-    ref = torch.sigmoid(predict_logits(model, imgs[:2], torch.device("cpu"), bs, False, False))
-    res["max_prob_diff"] = float((torch.sigmoid(predictor(imgs[:2], bs, False)) - ref).abs().max())
-    ts = timed(lambda: predictor(imgs, bs, False), max(1, args.infer_repeats), 1, dev)
-    res["infer_ips"] = len(imgs) / median(ts)
-    res["infer_cpu_s"] = last_cpu() / len(imgs)
-    ts = timed(lambda: predictor(imgs[:1], 1, False), args.latency_runs, 2, dev)
-    res["latency_ms"] = 1000 * median(ts)
-    res.update(memory=peak_memory_mib(torch.device("cpu")), load_end=loadavg())
+    res["pipeline_ips"] = bs / median(timed(batch, args.pipeline_batches, 1, dev))
+    torch.manual_seed(args.seed)
+    model = train.make_model(cfg).to(dev).train()
+    step = _train_step_fn(cfg, model, batch, dev)
+    res["train_ips"] = bs / median(timed(step, args.train_steps, args.warmup, dev))
+    res.update(rss_mib=peak_rss_mib(), load_end=loadavg())
     return res
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Ceiling and FLOPs (main process)
+# Ceiling (main process)
 # ---------------------------------------------------------------------------------------------------------
 
 def ceiling(args, dev: torch.device) -> dict:
     """GFLOP/s of a large sgemm (numpy, torch) and of a large 3x3 convolution (oneDNN on the CPU)."""
+    import torch.nn.functional as F
     n, reps = args.sgemm_n, args.ceiling_reps
     flop = 2 * n ** 3
     rng = np.random.default_rng(0)
@@ -436,34 +521,16 @@ def ceiling(args, dev: torch.device) -> dict:
         import contextlib
         limit = contextlib.nullcontext()
     with limit:
-        out = {"numpy_sgemm": flop / min(timed(lambda: a @ b, reps, 1, torch.device("cpu"))) / 1e9}
+        out = {"numpy_sgemm": flop / min(timed(lambda: a @ b, reps, 1)) / 1e9}
     ta, tb = torch.from_numpy(a).to(dev), torch.from_numpy(b).to(dev)
     out["torch_sgemm"] = flop / min(timed(lambda: ta @ tb, reps, 1, dev)) / 1e9
-    if args.cpu_bf16 or dev.type == "cuda":
-        ha, hb = ta.bfloat16(), tb.bfloat16()
-        out["torch_bf16_gemm"] = flop / min(timed(lambda: ha @ hb, reps, 1, dev)) / 1e9
     c, hw, nb = args.conv_channels, args.conv_size, 8
     x = torch.randn(nb, c, hw, hw, device=dev).contiguous(memory_format=torch.channels_last)
     w = torch.randn(c, c, 3, 3, device=dev).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
-        out["conv3x3"] = 2 * nb * c * hw * hw * c * 9 / min(
-            timed(lambda: F.conv2d(x, w, padding=1), reps, 1, dev)) / 1e9
+        best = min(timed(lambda: F.conv2d(x, w, padding=1), reps, 1, dev))
+    out["conv3x3"] = 2 * nb * c * hw * hw * c * 9 / best / 1e9
     return out
-
-
-def model_flops(args) -> dict:
-    """Forward and forward+backward FLOPs per image (convolutions and matmuls, torch.utils.flop_counter)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    model = new_model(args, torch.device("cpu"), False)
-    s = args.image_size
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model(torch.zeros(1, 1, s, s))
-    fwd = fc.get_total_flops()
-    model.train()
-    with FlopCounterMode(display=False) as fc:
-        model(torch.zeros(2, 1, s, s)).sum().backward()
-    return {"forward_gflop": fwd / 1e9, "train_gflop": fc.get_total_flops() / 2 / 1e9}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -474,20 +541,23 @@ def run_worker(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = pick_device(args.device)
-    name = args.worker
-    if name.startswith("project"):
-        res = run_project(args, dev, name.partition("_")[2] or "fp32")
-    elif name == "naive":
-        res = run_naive(args, dev)
-    elif name == "onnx":
-        res = run_onnx(args, dev)
+    kind, _, arg = args.worker.partition(":")
+    if kind == "infer":
+        res = run_infer(args, Path(arg), dev)
+    elif kind == "page":
+        res = run_page(args, Path(arg), dev)
+    elif kind == "train_project":
+        res = run_train_project(args, dev)
+    elif kind == "train_naive":
+        res = run_train_naive(args, dev)
     else:
-        raise SystemExit(f"unknown worker {name}")
+        raise SystemExit(f"unknown worker {args.worker}")
     print(RESULT_TAG + json.dumps(res), flush=True)
 
 
-def spawn(name: str, argv: list[str], in_process: bool, args) -> dict:
-    if in_process:
+def spawn(name: str, argv: list[str], args) -> dict:
+    """A worker's result: in this process (--in_process, --quick), else in a process of its own."""
+    if args.in_process:
         import contextlib
         import io
         buf = io.StringIO()
@@ -495,7 +565,7 @@ def spawn(name: str, argv: list[str], in_process: bool, args) -> dict:
             run_worker(argparse.Namespace(**{**vars(args), "worker": name}))
         text = buf.getvalue()
     else:
-        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", name, *argv],
+        proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *argv, "--worker", name],
                               capture_output=True, text=True, cwd=str(ROOT))
         text = proc.stdout
         if proc.returncode != 0:
@@ -517,142 +587,175 @@ def ratio(a, b) -> str:
     return f"{a / b:.2f}x" if a and b else "-"
 
 
-def report(args, dev, ceil: dict, flops: dict, r: dict) -> dict:
-    p, nv, ox = r["project"], r.get("naive"), r.get("onnx")
-    extras = {k: v for k, v in r.items() if k.startswith("project_")}
-    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads"
-          f"{', ' + torch.cuda.get_device_name() if dev.type == 'cuda' else ''}), device {dev.type}, "
-          f"data {'BUSI ' + args.data_dir if args.data_dir else 'synthetic phantoms'} ({p['n_images']} images), "
-          f"{args.image_size}x{args.image_size}, batch {args.batch_size}, expand {args.expand}")
-    loads = "; ".join(f"{k} {v['load_start']} -> {v['load_end']}" for k, v in r.items())
-    print(f"load average (1/5/15 min; start -> end of each path): {loads}")
-    busy = max(float(v[k].split("/")[0]) for v in r.values() for k in ("load_start", "load_end")
-               if v[k] != "n/a") if r else 0.0
+def report(args, dev: torch.device, ceil: dict, infer: list[dict], page: dict | None, train_p: dict | None,
+           train_n: dict | None) -> dict:
+    """Print the tables and the targets; returns the targets' verdicts."""
+    top = max(ceil["numpy_sgemm"], ceil["torch_sgemm"], ceil["conv3x3"])
+    print(f"machine: {cpu_name()} ({cpu_int8_flags()}), {os.cpu_count()} CPUs, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads{', ' + torch.cuda.get_device_name() if dev.type == 'cuda' else ''}), "
+          f"onnxruntime {_ort_version()}, device {dev.type}")
+    parts = [(f"infer {Path(r['checkpoint']).stem}", r) for r in infer] + \
+            [(n, r) for n, r in (("page", page), ("train project", train_p), ("train naive", train_n)) if r]
+    print("load average (1/5/15 min; start -> end of each part): "
+          + "; ".join(f"{n} {r['load_start']} -> {r['load_end']}" for n, r in parts))
+    busy = max([float(r[k].split("/")[0]) for _, r in parts for k in ("load_start", "load_end") if r[k] != "n/a"]
+               or [0.0])
     if busy > (os.cpu_count() or 1) + 0.5:
         print(f"WARNING: the load average reached {busy:.1f} on {os.cpu_count()} CPUs: other processes took CPU "
               f"time from this run, so its rates are low and noisy; rerun on a quiet machine")
-    top = max(ceil["numpy_sgemm"], ceil["torch_sgemm"])
-    extra_ceil = f", torch bf16 gemm {ceil['torch_bf16_gemm']:.0f}" if "torch_bf16_gemm" in ceil else ""
-    nominal = f"; nominal peak {args.peak_gflops:.0f} (given)" if args.peak_gflops else ""
-    print(f"compute ceiling: numpy sgemm {ceil['numpy_sgemm']:.0f} GFLOP/s, torch sgemm {ceil['torch_sgemm']:.0f}"
-          f", oneDNN conv3x3 {ceil['conv3x3']:.0f}{extra_ceil} (n={args.sgemm_n}, best of {args.ceiling_reps})"
-          f"{nominal}")
-    print(f"model FLOPs per image: forward {flops['forward_gflop']:.2f} GFLOP, forward+backward "
-          f"{flops['train_gflop']:.2f} GFLOP ({args.encoder} UNet, {args.image_size}px)")
-    cols = ["project (a)", "naive (b)", "a/b speed-up"] + [f"{k} ({'bf16 autocast' if k.endswith('bf16') else k[8:]})"
-                                                 for k in extras] + ["project, contiguous", "ONNX Runtime"]
+    print(f"compute ceiling: numpy sgemm {ceil['numpy_sgemm']:.0f} GFLOP/s, torch sgemm {ceil['torch_sgemm']:.0f}, "
+          f"oneDNN conv3x3 {ceil['conv3x3']:.0f} (n={args.sgemm_n}, best of {args.ceiling_reps}); best {top:.0f}")
     print()
-    print("| metric | " + " | ".join(cols) + " |")
-    print("|" + "---|" * (len(cols) + 1))
-    nvg = lambda k: nv.get(k) if nv else None
-    oxg = lambda k: ox.get(k) if ox else None
-
-    def row(label, key, digits=2, contiguous_key=None, onnx_key=None, lower_better=False):
-        a, b = p.get(key), nvg(key)
-        rat = ratio(b, a) if lower_better else ratio(a, b)
-        cells = [fmt(a, digits), fmt(b, digits), rat] + [fmt(e.get(key), digits) for e in extras.values()]
-        cells += [fmt(p.get(contiguous_key), digits) if contiguous_key else "-",
-                  fmt(oxg(onnx_key), digits) if onnx_key else "-"]
-        print(f"| {label} | " + " | ".join(cells) + " |")
-
-    row("training images/s", "train_ips")
-    row("batched inference images/s", "infer_ips", contiguous_key="infer_contiguous_ips", onnx_key="infer_ips")
-    row("single-image latency ms", "latency_ms", 1, "latency_contiguous_ms", "latency_ms", lower_better=True)
-    row("data pipeline images/s", "pipeline_ips", 1)
-    mem = lambda d: d["memory"]["rss_mib"] if d else None
-    cells = [fmt(mem(p), 0), fmt(mem(nv), 0), "-"] + [fmt(mem(e), 0) for e in extras.values()] + ["-", fmt(mem(ox), 0)]
-    print("| peak memory MiB | " + " | ".join(cells) + " |")
-    if dev.type == "cuda":
-        cm = lambda d: d["memory"].get("cuda_mib") if d else None
-        cells = [fmt(cm(p), 0), fmt(cm(nv), 0), "-"] + [fmt(cm(e), 0) for e in extras.values()] + ["-", "-"]
-        print("| peak CUDA memory MiB | " + " | ".join(cells) + " |")
+    print(f"| model (input, fp32 GFLOP/image) | path | batched images/s (batch {args.batch_size}) | vs naive | "
+          f"vs ONNX fp32 | single-image latency ms | vs naive | vs ONNX fp32 | GFLOP/s (% of ceiling) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in infer:
+        label = f"{Path(r['checkpoint']).stem} ({r['image_size']} px, {r['gflop']:.2f})"
+        p = r["paths"]
+        naive, onnx = p.get("naive", {}), p.get("ONNX fp32", {})
+        for path in PATHS:
+            q = p.get(path, {})
+            if "skipped" in q:
+                print(f"| {label} | {path} | skipped: {q['skipped'][:120]} | | | | | | |")
+                continue
+            ips, lat = q.get("ips"), q.get("latency_ms")
+            gfs = ips * r["gflop"] if ips else None
+            print(f"| {label} | {path} | {fmt(ips, 1)} | {ratio(ips, naive.get('ips'))} | "
+                  f"{ratio(ips, onnx.get('ips')) if path != 'ONNX fp32' else '-'} | {fmt(lat, 1)} | "
+                  f"{ratio(naive.get('latency_ms'), lat)} | "
+                  f"{ratio(onnx.get('latency_ms'), lat) if path != 'ONNX fp32' else '-'} | "
+                  f"{fmt(gfs, 0)} ({fmt(100 * gfs / top if gfs else None, 0)}%) |")
+    diffs = "; ".join(f"{Path(r['checkpoint']).stem}: ONNX fp32 vs torch max {fmt(r.get('onnx_max_prob_diff'), 6)}"
+                      f", INT8 vs fp32 mean {fmt(r.get('int8_mean_prob_diff'), 4)}" for r in infer)
+    print(f"probability differences on 4 images: {diffs}")
     print()
-    tf, ff = flops["train_gflop"], flops["forward_gflop"]
-    frac = lambda ips, f, c: f"{100 * ips * f / c:.0f}%"
-    line = (f"fraction of the ceiling: training {p['train_ips'] * tf:.0f} GFLOP/s = {frac(p['train_ips'], tf, top)}, "
-            f"batched inference {p['infer_ips'] * ff:.0f} GFLOP/s = {frac(p['infer_ips'], ff, top)} of the best "
-            f"sgemm ({top:.0f} GFLOP/s)")
-    if args.peak_gflops:
-        line += (f"; of the nominal peak: training {frac(p['train_ips'], tf, args.peak_gflops)}, "
-                 f"inference {frac(p['infer_ips'], ff, args.peak_gflops)}")
-    for k, e in extras.items():
-        line += f"; {k}: training {e['train_ips'] * tf:.0f} GFLOP/s, inference {e['infer_ips'] * ff:.0f} GFLOP/s"
-    print(line)
-    if "compile" in "".join(extras):
-        e = extras["project_compile"]
-        print(f"torch.compile: first training step (compile) {e['compile_s']:.1f} s, inference compile "
-              f"{e.get('compile_infer_s', float('nan')):.1f} s")
-    cpu_cells = []
-    for key, what in (("train_cpu_s", "training"), ("infer_cpu_s", "batched inference")):
-        vals = ", ".join(f"{k} {v[key]:.3f}" for k, v in r.items() if v.get(key))
-        cpu_cells.append(f"{what}: {vals}")
-    print(f"CPU seconds per image (process time, all threads; per-core work when run with --threads 1, which a "
-          f"busy machine disturbs least): {'; '.join(cpu_cells)}")
-    if ox:
-        print(f"ONNX: export {ox['export_s']:.1f} s, max |probability difference| vs PyTorch {ox['max_prob_diff']:.1e}")
-    n_train = int(0.8 * p["n_images"]) if args.data_dir and args.n_images <= 0 else BUSI_TRAIN_IMAGES
-    recipe_images = n_train * 7 * 200
-    best_train = max([p["train_ips"]] + [e["train_ips"] for e in extras.values()])
-    print(f"original recipe (≈{n_train} training images x 7 x 200 epochs = {recipe_images} images, without "
-          f"validation): {recipe_images / p['train_ips'] / 60:.0f} min at the project's rate"
-          + (f", {recipe_images / best_train / 60:.0f} min at the best variant's" if best_train > p["train_ips"] else "")
-          + (f"; naive {recipe_images / nv['train_ips'] / 60:.0f} min" if nv else ""))
+    if page:
+        print(f"| page: upload to result of a 500x500 scan, {page['checkpoint']} | median s | best s |")
+        print("|---|---|---|")
+        for r in page["runs"]:
+            what = f"{r['backend']}, {'with' if r['uncertainty'] else 'without'} the uncertainty"
+            if "skipped" in r:
+                print(f"| {what} | skipped: {r['skipped'][:120]} | |")
+            else:
+                print(f"| {what} | {r['median_s']:.3f} | {r['best_s']:.3f} |")
+        if page.get("parts_ms"):
+            print("where an upload's time goes (onnx-int8, with the uncertainty; medians, ms): "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in page["parts_ms"].items()))
+        print()
+    if train_p:
+        tf = train_p["train_gflop"]
+        print(f"| training: {train_p['recipe']} ({train_p['encoder']}, {train_p['image_size']} px, batch "
+              f"{train_p['batch_size']}, {train_p['n_images']} {'BUSI' if args.data_dir else 'phantom'} images) | "
+              f"images/s | vs naive | GFLOP/s (% of ceiling) | data pipeline images/s | peak memory MiB |")
+        print("|---|---|---|---|---|---|")
+        for name, r in (("recipe's path (train.py)", train_p), ("naive loop", train_n)):
+            if r:
+                g = r["train_ips"] * tf
+                vs = ratio(r["train_ips"], train_n["train_ips"]) if train_n else "-"
+                print(f"| {name} | {r['train_ips']:.2f} | {vs} | {g:.0f} ({100 * g / top:.0f}%) | "
+                      f"{r['pipeline_ips']:.1f} | {r['rss_mib']:.0f} |")
+        print(f"(training: {tf:.2f} GFLOP per image, forward and backward: 3 x the forward)")
+        print()
+    return judge(args, dev, infer, page, train_p, train_n)
+
+
+def _ort_version() -> str:
+    try:
+        import onnxruntime
+        return onnxruntime.__version__
+    except ImportError:
+        return "absent"
+
+
+def judge(args, dev: torch.device, infer: list[dict], page: dict | None, train_p: dict | None,
+          train_n: dict | None) -> dict:
+    """The issue's targets, judged for the default model on the CPU."""
+    default = next((r for r in infer if Path(r["checkpoint"]).name == default_checkpoint().name), None)
+    if args.quick or dev.type != "cpu" or default is None:
+        print("targets: not judged (they are for the default model on the CPU, without --quick)")
+        return {}
     ok = lambda c: "met" if c else "NOT met"
-    checks = [f"training >= {TARGETS['train']} img/s {ok(p['train_ips'] >= TARGETS['train'])}",
-              f"batched inference >= {TARGETS['infer']:.0f} img/s "
-              f"{ok(max(p['infer_ips'], oxg('infer_ips') or 0) >= TARGETS['infer'])}",
-              f"latency <= {TARGETS['latency_ms']:.0f} ms "
-              f"{ok(min(p['latency_ms'], oxg('latency_ms') or 1e9) <= TARGETS['latency_ms'])}",
-              f"pipeline >= {TARGETS['pipeline_x']:.0f}x training "
-              f"{ok(p['pipeline_ips'] >= TARGETS['pipeline_x'] * p['train_ips'])} "
-              f"({p['pipeline_ips'] / p['train_ips']:.0f}x)"]
-    if dev.type == "cuda":
-        checks.append(f"original recipe < {TARGETS['gpu_recipe_min']:.0f} min "
-                      f"{ok(recipe_images / p['train_ips'] / 60 < TARGETS['gpu_recipe_min'])}")
-    if args.image_size != 256 or args.batch_size != 8:
-        print(f"targets: not judged (they are defined for 256x256 and batch 8; this run is {args.image_size}x"
-              f"{args.image_size}, batch {args.batch_size})")
-    else:
-        print(f"targets: {', '.join(checks)} (the CPU targets are for fp32 on the 2-core machine)")
-    return {"ceiling": ceil, "flops": flops, "paths": r}
+    out, lines = {}, []
+    p = default["paths"]
+    q8, q32 = p.get("ONNX INT8", {}), p.get("ONNX fp32", {})
+    if "ips" in q8 and "ips" in q32:
+        b, l_ = q8["ips"] / q32["ips"], q32["latency_ms"] / q8["latency_ms"]
+        out.update(int8_batched_x=b, int8_latency_x=l_)
+        lines += [f"INT8 batched >= {TARGETS['int8_batched_x']}x ONNX fp32 {ok(b >= TARGETS['int8_batched_x'])} "
+                  f"({b:.2f}x)", f"INT8 latency >= {TARGETS['int8_latency_x']}x {ok(l_ >= TARGETS['int8_latency_x'])} "
+                  f"({l_:.2f}x)"]
+    run = next((r for r in (page or {}).get("runs", []) if r["backend"] == "onnx-int8" and r["uncertainty"]
+                and "median_s" in r), None)
+    if run:
+        out["page_s"] = run["median_s"]
+        lines.append(f"page with the uncertainty (INT8) <= {TARGETS['page_s']} s "
+                     f"{ok(run['median_s'] <= TARGETS['page_s'])} ({run['median_s']:.3f} s)")
+    if train_p and train_n:
+        x = train_p["train_ips"] / train_n["train_ips"]
+        out["train_x"] = x
+        lines.append(f"training >= {TARGETS['train_x']}x naive {ok(x >= TARGETS['train_x'])} ({x:.2f}x)")
+    print(f"targets: {', '.join(lines) if lines else 'nothing measured to judge'}")
+    return out
 
 
-QUICK = dict(threads=1, image_size=64, batch_size=2, n_images=6, warmup=1, train_steps=2, infer_images=4, infer_repeats=1,
-             latency_runs=2, pipeline_batches=2, sgemm_n=256, ceiling_reps=2, conv_channels=16, conv_size=32)
+def quick_checkpoint(folder: Path) -> Path:
+    """A tiny random-weight checkpoint (ResNet18 UNet, 64 px) with a phantom training set and split, so that
+    every path (INT8 calibration included) runs in seconds."""
+    import dataset
+    from model import build_model, save_checkpoint
+    from phantom import write_busi_tree
+    tree = write_busi_tree(folder / "phantoms", per_class=4, height=48, width=60, seed=3)
+    samples = dataset.discover(str(tree))
+    split_path = folder / "split.json"
+    dataset.save_json_atomic(split_path, dataset.make_split(samples, 0.25, 0))
+    torch.manual_seed(0)
+    model = build_model("resnet18", None, len(dataset.LESION_CLASSES), 1)
+    meta = {**dataset.preprocessing_meta(64), "encoder": "resnet18", "classes": len(dataset.LESION_CLASSES),
+            "threshold": 0.5, "epoch": 0, "split_file": str(split_path), "fold": 0,
+            "train_config": {"data_dir": str(tree)}}
+    path = folder / "quick.safetensors"
+    save_checkpoint(path, model.eval(), meta)
+    return path
+
+
+QUICK = dict(threads=1, n_images=6, warmup=1, train_steps=2, infer_images=4, infer_repeats=1, latency_runs=2,
+             pipeline_batches=2, page_uploads=1, sgemm_n=256, ceiling_reps=2, conv_channels=16, conv_size=32,
+             train_image_size=64, train_batch_size=2, batch_size=2)
 
 
 def parse(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data_dir", default="", help="BUSI folder (default: synthetic phantoms)")
-    ap.add_argument("--n_images", type=int, default=48, help="images in the set (BUSI: spread over the listing; "
-                                                             "<= 0: all)")
-    ap.add_argument("--image_size", type=int, default=256)
-    ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--expand", type=int, default=7, help="augmentation expansion (variants > 0 are augmented)")
-    ap.add_argument("--encoder", default="resnet18")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
-    ap.add_argument("--train_steps", type=int, default=6, help="timed training steps")
+    ap.add_argument("--models", default="all", help="shipped models to time: all, or names as reproduce.py takes "
+                                                    "them (default, busi_unet_resnet18, ...), comma-separated")
+    ap.add_argument("--checkpoint", default="", help="time these .safetensors files instead (comma-separated; the "
+                                                     "page uses the first)")
+    ap.add_argument("--data_dir", default="", help="BUSI folder for the training part (default: synthetic phantoms)")
+    ap.add_argument("--n_images", type=int, default=48, help="images in the training set (BUSI: spread over the "
+                                                             "listing; <= 0: all)")
+    ap.add_argument("--batch_size", type=int, default=8, help="inference batch")
     ap.add_argument("--infer_images", type=int, default=32, help="images per batched-inference pass")
-    ap.add_argument("--infer_repeats", type=int, default=3, help="timed batched-inference passes")
-    ap.add_argument("--latency_runs", type=int, default=10, help="timed single-image predictions")
-    ap.add_argument("--pipeline_batches", type=int, default=20, help="timed batches of the data pipeline alone")
+    ap.add_argument("--infer_repeats", type=int, default=6, help="timed batched-inference passes per path")
+    ap.add_argument("--latency_runs", type=int, default=16, help="timed single-image predictions per path")
+    ap.add_argument("--page_uploads", type=int, default=10, help="timed uploads per page configuration")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed training steps first")
+    ap.add_argument("--train_steps", type=int, default=8, help="timed training steps")
+    ap.add_argument("--pipeline_batches", type=int, default=10, help="timed batches of each data pipeline alone")
+    ap.add_argument("--train_image_size", type=int, default=0, help="training image size (0: the recipe's)")
+    ap.add_argument("--train_batch_size", type=int, default=0, help="training batch (0: the recipe's)")
     ap.add_argument("--sgemm_n", type=int, default=2048, help="matrix size of the sgemm ceiling")
     ap.add_argument("--ceiling_reps", type=int, default=5)
     ap.add_argument("--conv_channels", type=int, default=64)
     ap.add_argument("--conv_size", type=int, default=128)
-    ap.add_argument("--peak_gflops", type=float, default=0.0, help="nominal fp32 peak to compare with, if known "
-                                                                    "(cores x GHz x FLOP/cycle)")
     ap.add_argument("--threads", type=int, default=0, help="torch / ONNX Runtime threads (0: default)")
-    ap.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda")
+    ap.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda (ONNX Runtime: always CPU)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--compile", action="store_true", help="also measure the project path under torch.compile")
-    ap.add_argument("--cpu_bf16", action="store_true", help="also measure the project path with bf16 autocast")
-    ap.add_argument("--no_naive", action="store_true", help="skip the naive baseline")
-    ap.add_argument("--no_onnx", action="store_true", help="skip ONNX Runtime")
-    ap.add_argument("--in_process", action="store_true", help="run the paths in this process (peak memory is "
+    ap.add_argument("--no_int8", action="store_true", help="skip the INT8 paths")
+    ap.add_argument("--no_page", action="store_true", help="skip the web page")
+    ap.add_argument("--no_train", action="store_true", help="skip training")
+    ap.add_argument("--in_process", action="store_true", help="run the parts in this process (peak memory is "
                                                               "then cumulative)")
     ap.add_argument("--json", default="", help="also write the results to this JSON file")
-    ap.add_argument("--quick", action="store_true", help="tiny settings, all paths in this process: a smoke test")
+    ap.add_argument("--quick", action="store_true", help="tiny settings and a tiny model, one process: a smoke test")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.quick:
@@ -660,7 +763,7 @@ def parse(argv: list[str] | None = None):
         for k, v in QUICK.items():
             if getattr(args, k) == defaults[k]:
                 setattr(args, k, v)
-        args.in_process = True  # one interpreter: seconds, not a process start per path
+        args.in_process = True  # one interpreter: seconds, not a process start per part
     return args
 
 
@@ -673,19 +776,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = pick_device(args.device)
-    print(f"bench.py: load average at start {loadavg()}; ceiling and FLOPs ...", file=sys.stderr, flush=True)
-    ceil = ceiling(args, dev)
-    flops = model_flops(args)
-    names = ["project"] + (["project_compile"] if args.compile else []) + \
-            (["project_bf16"] if args.cpu_bf16 and dev.type == "cpu" else []) + \
-            ([] if args.no_naive else ["naive"]) + ([] if args.no_onnx else ["onnx"])
-    results = {}
-    for name in names:
-        print(f"bench.py: {name} ... (load {loadavg()})", file=sys.stderr, flush=True)
-        results[name] = spawn(name, argv, args.in_process, args)
-    out = report(args, dev, ceil, flops, results)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.checkpoint:
+            checkpoints = [Path(c).resolve() for c in args.checkpoint.split(",")]
+        elif args.quick:
+            checkpoints = [quick_checkpoint(Path(tmp))]
+        else:
+            checkpoints = shipped_checkpoints(args.models)
+        print(f"bench.py: load average at start {loadavg()}; ceiling ...", file=sys.stderr, flush=True)
+        ceil = ceiling(args, dev)
+        infer = []
+        for ck in checkpoints:
+            print(f"bench.py: inference of {ck.name} ... (load {loadavg()})", file=sys.stderr, flush=True)
+            infer.append(spawn(f"infer:{ck}", argv, args))
+        page_ck = checkpoints[0] if (args.checkpoint or args.quick) else default_checkpoint()
+        page = None
+        if not args.no_page:
+            print(f"bench.py: page ... (load {loadavg()})", file=sys.stderr, flush=True)
+            page = spawn(f"page:{page_ck}", argv, args)
+        train_p = train_n = None
+        if not args.no_train:
+            print(f"bench.py: training ... (load {loadavg()})", file=sys.stderr, flush=True)
+            train_p = spawn("train_project", argv, args)
+            train_n = spawn("train_naive", argv, args)
+        verdicts = report(args, dev, ceil, infer, page, train_p, train_n)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), **out}, indent=1))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "ceiling": ceil, "inference": infer, "page": page,
+                                               "train_project": train_p, "train_naive": train_n,
+                                               "targets": verdicts}, indent=1))
     return 0
 
 

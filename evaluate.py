@@ -134,6 +134,7 @@ uncertainty = False          # TTA uncertainty score per image: risk-coverage cu
 uncertainty_cutoff = -1.0    # review flag above this score; < 0 uses the checkpoint's, else the one chosen on these images (Youden J for Dice < 0.5)
 box_prompt = False           # also LiteMedSAM's masks for a box around each reference lesion (box_prompt.py): lesion Dice/IoU, what a drawn box buys
 device = "auto"              # auto, cpu, cuda, mps
+backend = "torch"            # torch, onnx (ONNX Runtime fp32) or onnx-int8 (INT8 model, quantize.py), as predict.py --backend
 batch_size = 8               # images per forward pass
 gather = ""                  # glob of summary.json files (one per fold) to combine into mean +/- std
 # ---- end of settings
@@ -951,15 +952,17 @@ def load_eval_set(cfg: dict, meta: dict) -> tuple[LoadedSet, dict]:
 
 def default_out_dir(cfg: dict, split_: str) -> Path:
     """<checkpoint folder>/eval for the checkpoint's own validation split; eval_<split> for another part of
-    its own data; eval_<data name>_<split> for data given on the command line."""
+    its own data; eval_<data name>_<split> for data given on the command line; _<backend> added for a backend
+    other than torch."""
     parent = Path(cfg["checkpoint"]).parent
+    tag = "" if cfg.get("backend", "torch") == "torch" else f"_{cfg['backend']}"
     if not _own_data(cfg):
-        return parent / ("eval" if split_ == "val" else f"eval_{split_}")
+        return parent / (("eval" if split_ == "val" else f"eval_{split_}") + tag)
     if cfg.get("sources"):
-        return parent / f"eval_{'+'.join(n for n, _ in parse_sources(cfg['sources']))}_{split_}"
+        return parent / f"eval_{'+'.join(n for n, _ in parse_sources(cfg['sources']))}_{split_}{tag}"
     data = Path(cfg["manifest"] or cfg["data_dir"] or cfg["path_to_images"])
     name = data.stem if cfg["manifest"] else data.resolve().name
-    return parent / f"eval_{name or 'data'}_{split_}"
+    return parent / f"eval_{name or 'data'}_{split_}{tag}"
 
 
 def post_processing(cfg: dict, meta: dict) -> dict:
@@ -1090,7 +1093,7 @@ def run(cfg: dict) -> dict:
     from predict import load_predictor, pick_device
     if cfg["gather"]:
         return run_gather(cfg)
-    predictor, meta = load_predictor(cfg["checkpoint"], pick_device(cfg["device"]))
+    predictor, meta = load_predictor(cfg["checkpoint"], pick_device(cfg["device"]), cfg["backend"])
     setting = post_processing(cfg, meta)
     size_of = pixel_sizes(cfg)
     data, info = load_eval_set(cfg, meta)
@@ -1108,7 +1111,7 @@ def run(cfg: dict) -> dict:
     if sweep is not None:
         summary["threshold_sweep"] = sweep
     summary.update(checkpoint=str(cfg["checkpoint"]), epoch=meta.get("epoch"), **setting, head=meta.get("head"),
-                   tta=cfg["tta"], **info, conventions=CONVENTIONS)
+                   tta=cfg["tta"], backend=cfg["backend"], **info, conventions=CONVENTIONS)
     summary["readout"] = clinical_readout(cfg, meta, predictor, data, rows, setting, masks, size_of)
     if cfg["box_prompt"]:
         from box_prompt import evaluate_boxes

@@ -10,7 +10,8 @@ exactly as for the PyTorch model. The checkpoint's metadata (image size, normali
 predict.py re-exports a stale .onnx after the checkpoint has changed.
 
 predict.py --backend onnx looks for <checkpoint stem>.onnx beside the checkpoint and exports it when it is
-missing or stale (into a temporary folder when the checkpoint's folder is not writable).
+missing or stale (into a temporary folder when the checkpoint's folder is not writable). The INT8 model of
+--backend onnx-int8 (<checkpoint stem>.int8.onnx) is quantize.py's, made from this export.
 """
 from __future__ import annotations
 
@@ -145,8 +146,8 @@ def onnx_predictor(checkpoint_path: str | Path, meta: dict | None = None, thread
         raise RuntimeError("the onnx backend needs onnxruntime and onnx (pip install onnx onnxruntime)") from None
     path = ensure_onnx(checkpoint_path)
     check_image_size(path, meta, checkpoint_path)
-    from backends import make_session, session_predictor
-    return session_predictor(make_session(path, threads))
+    from backends import onnx_file_predictor
+    return onnx_file_predictor(path, threads)
 
 
 def check_image_size(onnx_path: Path, meta: dict | None, checkpoint_path: str | Path) -> None:
@@ -155,8 +156,8 @@ def check_image_size(onnx_path: Path, meta: dict | None, checkpoint_path: str | 
         return
     stored = onnx_metadata(onnx_path)
     if "image_size" in stored and int(json.loads(stored["image_size"])) != int(meta["image_size"]):
-        raise RuntimeError(f"{onnx_path}: made for {stored['image_size']}px, the checkpoint says {meta['image_size']}px; "
-                           f"delete it and it is made again from {checkpoint_path}")
+        raise RuntimeError(f"{onnx_path}: made for {stored['image_size']}px, the checkpoint says "
+                           f"{meta['image_size']}px; delete it and it is made again from {checkpoint_path}")
 
 
 def main(argv: list[str] | None = None) -> int:

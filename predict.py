@@ -28,7 +28,9 @@ is then 1.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import glob
 import logging
 import sys
@@ -92,11 +94,16 @@ def remove_small(lesion: torch.Tensor, min_area: float) -> torch.Tensor:
     if min_area <= 0 or not bool(lesion.any()):
         return lesion
     from skimage.measure import label
-    components = label(lesion.numpy(), connectivity=2)
+    mask = lesion.numpy()
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    box = np.s_[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]  # labelling only the lesion's bounding box
+    components = label(mask[box], connectivity=2)
     sizes = np.bincount(components.ravel())
     keep = sizes >= min_area
     keep[0] = False  # background
-    return torch.from_numpy(keep[components])
+    out = np.zeros_like(mask)
+    out[box] = keep[components]
+    return torch.from_numpy(out)
 
 
 GATE_KEEP = 0.8  # the normal gate never erases a mask whose mean lesion probability is at least this
@@ -120,18 +127,13 @@ def decide(probs: torch.Tensor, threshold: float, min_area: float = 0.0, cls_pro
     if p.shape[0] == 1 and cls_probs is None:
         raise ValueError("a model with one (class-agnostic) lesion channel needs its classification head for the label")
     top, arg = p.max(0)
-    lesion = remove_small(top > threshold, min_area)
     head = None
-    gated = conflict = False
     if cls_probs is not None:
         head = {c: float(v) for c, v in zip(CLASS_NAMES, cls_probs.float().tolist())}
         lesion_mass = head["benign"] + head["malignant"]
         malignancy = head["malignant"] / lesion_mass if lesion_mass > 0 else 0.5
-        if head["normal"] >= normal_gate and bool(lesion.any()):
-            if float(top[lesion].mean()) >= gate_keep:
-                conflict = True
-            else:
-                lesion, gated = torch.zeros_like(lesion), True
+    lesion, gated, conflict = _gated_lesion(top, threshold, min_area, None if head is None else head["normal"],
+                                            normal_gate, gate_keep)
     if p.shape[0] == 1:  # one lesion channel: the lesion goes into the channel of the head's label (below)
         class_masks = torch.zeros((len(LESION_CLASSES), *lesion.shape), dtype=torch.bool)
     else:
@@ -154,6 +156,25 @@ def decide(probs: torch.Tensor, threshold: float, min_area: float = 0.0, cls_pro
     mal = LESION_CLASSES.index("malignant")
     return Decision(lesion.numpy(), class_masks.numpy(), LESION_CLASSES[c], float(mass[c] / n), mean_prob,
                     float(mass[mal] / mass.sum()) if float(mass.sum()) > 0 else 0.5)
+
+
+def _gated_lesion(top: torch.Tensor, threshold: float, min_area: float, p_normal: float | None, normal_gate: float,
+                  gate_keep: float) -> tuple[torch.Tensor, bool, bool]:
+    """decide's lesion from the largest lesion probability per pixel: (bool H x W, gated, gate_conflict)."""
+    lesion = remove_small(top > threshold, min_area)
+    if p_normal is None or p_normal < normal_gate or not bool(lesion.any()):
+        return lesion, False, False
+    if float(top[lesion].mean()) >= gate_keep:
+        return lesion, False, True
+    return torch.zeros_like(lesion), True, False
+
+
+def lesion_mask(probs: torch.Tensor, threshold: float, min_area: float = 0.0, cls_probs: torch.Tensor | None = None,
+                normal_gate: float = 1.0, gate_keep: float = 1.0) -> np.ndarray:
+    """decide(...).lesion alone (bool H x W), without the work of the label and the class masks (the
+    uncertainty's views need only the mask)."""
+    p_normal = None if cls_probs is None else float(cls_probs.float()[CLASS_NAMES.index("normal")])
+    return _gated_lesion(probs.float().amax(0), threshold, min_area, p_normal, normal_gate, gate_keep)[0].numpy()
 
 
 def scale_min_area(min_area: float, image_size: int, shape: tuple[int, int]) -> float:
@@ -212,12 +233,24 @@ def lesion_line(lesion: dict) -> str:
     return f"#{lesion['lesion']} {size_text(lesion)}  {words}"
 
 
+def thick_boundaries(mask: np.ndarray) -> np.ndarray:
+    """skimage.segmentation.find_boundaries(mask, mode="thick") of a bool mask (the pixels whose 4-neighbourhood
+    is not all inside or all outside), with array shifts instead of grey-level filters."""
+    m = np.asarray(mask, bool)
+    grown, shrunk = m.copy(), m.copy()
+    for a, b in ((np.s_[1:], np.s_[:-1]), (np.s_[:-1], np.s_[1:])):
+        grown[a] |= m[b]
+        shrunk[a] &= m[b]
+        grown[:, a] |= m[:, b]
+        shrunk[:, a] &= m[:, b]
+    return grown & ~shrunk
+
+
 def overlay(grey: np.ndarray, d: Decision, lesions: list[dict] | None = None, extra: str = "") -> Image.Image:
     """The image in grey with the lesion outline in the class colour and 'label confidence' (+ extra) written on
     it; with lesions (measure.measure_lesions), their diameters drawn and their sizes and shape cues listed."""
-    from skimage.segmentation import find_boundaries
-    rgb = np.repeat(grey[..., None], 3, axis=2).copy()
-    edge = find_boundaries(d.lesion, mode="thick")
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    edge = thick_boundaries(d.lesion)
     if edge.any():
         edge |= np.roll(edge, 1, 0) | np.roll(edge, 1, 1)  # 2-3 px wide, visible on large scans
         rgb[edge] = OUTLINE_COLOURS.get(d.label, (255, 255, 0))
@@ -237,17 +270,28 @@ def overlay(grey: np.ndarray, d: Decision, lesions: list[dict] | None = None, ex
     return img
 
 
+@functools.lru_cache(maxsize=1)
+def _inferno() -> np.ndarray:
+    """matplotlib's inferno colours, N x 3 in 0..255."""
+    from matplotlib import colormaps
+    cmap = colormaps["inferno"]
+    return cmap(np.arange(cmap.N))[:, :3] * 255
+
+
 def uncertainty_image(grey: np.ndarray, umap: np.ndarray) -> Image.Image:
     """The per-pixel uncertainty (standard deviation of the lesion probability, 0..0.5) in the inferno colours
     over the grey image, full colour from UMAP_FULL up; certain pixels stay grey. A legend names the scale."""
-    from matplotlib import colormaps
-
     from uncertainty import VIEWS
     u = np.clip(np.asarray(umap, float) / UMAP_FULL, 0, 1)
-    colour = colormaps["inferno"](0.25 + 0.75 * u)[..., :3] * 255
-    alpha = np.clip(u * 2, 0, 0.85)[..., None]
-    rgb = grey[..., None].astype(float) * (1 - alpha) + colour * alpha
-    img = Image.fromarray(np.round(rgb).astype(np.uint8))
+    alpha = np.clip(u * 2, 0, 0.85)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    # only where the colour can move a grey level by half a step or more: elsewhere the blend rounds to grey
+    sel = alpha * 255 >= 0.5
+    lut = _inferno()  # the colormap's own lookup (matplotlib: index = int(x * N)), without its float RGBA array
+    colour = lut[np.minimum(((0.25 + 0.75 * u[sel]) * len(lut)).astype(np.intp), len(lut) - 1)]
+    a = alpha[sel][:, None]
+    rgb[sel] = np.round(grey[sel][:, None].astype(float) * (1 - a) + colour * a).astype(np.uint8)
+    img = Image.fromarray(rgb)
     size = max(10, min(grey.shape[0] // 30, grey.shape[1] // 34))
     legend = f"uncertainty: std of the lesion probability over {len(VIEWS) + 1} views (full colour >= {UMAP_FULL})"
     _text_lines(ImageDraw.Draw(img), (0, 0), [(legend, (255, 200, 80), size)])
@@ -287,31 +331,65 @@ def _decide_at(meta: dict, shape: tuple[int, int], probs: torch.Tensor, cls_prob
                   float(meta.get("gate_keep", 1.0)))
 
 
+def _lesion_at(meta: dict, shape: tuple[int, int], probs: torch.Tensor, cls_probs, threshold_: float,
+               normal_gate_: float) -> np.ndarray:
+    """_decide_at(...).lesion alone (lesion_mask)."""
+    return lesion_mask(to_original(probs, shape), threshold_, min_area_at(meta, shape), cls_probs, normal_gate_,
+                       float(meta.get("gate_keep", 1.0)))
+
+
 def predict_img(predictor, meta: dict, grey: np.ndarray, threshold_: float, tta_: bool = False,
                 normal_gate_: float | None = None) -> Decision:
     """Predict one uint8 greyscale image at its original resolution (minimum lesion area from the checkpoint;
     normal_gate None: the checkpoint's)."""
     if normal_gate_ is None:
         normal_gate_ = float(meta.get("normal_gate", 1.0))
-    probs, cls_probs = _network_probs(predictor, meta, grey, tta_)
-    return _decide_at(meta, grey.shape, probs, cls_probs, threshold_, normal_gate_)
+    with one_thread() as n:
+        probs, cls_probs = _network_probs(on_threads(predictor, n), meta, grey, tta_)
+        return _decide_at(meta, grey.shape, probs, cls_probs, threshold_, normal_gate_)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread (yields the number it had) around the pre- and post-processing of an image: its
+    tensors are small enough that a second thread costs more in synchronisation than it saves, and far more
+    (ten times the work's own time, measured) when another process or ONNX Runtime's threads, still spinning
+    after a run, hold the other core. The network itself runs on all threads (on_threads)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(n)
+
+
+def on_threads(predictor, n: int):
+    """predictor running with torch on n threads, inside one_thread."""
+    def run(*args, **kwargs):
+        torch.set_num_threads(n)
+        try:
+            return predictor(*args, **kwargs)
+        finally:
+            torch.set_num_threads(1)
+    return run
 
 
 def predict_uncertain(predictor, meta: dict, grey: np.ndarray, threshold_: float, tta_: bool = False,
                       normal_gate_: float | None = None, batch_size_: int = 8) -> tuple[Decision, float, np.ndarray]:
     """predict_img, plus the test-time-augmentation uncertainty (uncertainty.py): (decision, score, per-pixel
-    map H x W). The decision is the same as predict_img's."""
-    from uncertainty import image_score, pixel_map, view_predictions
+    map H x W). The decision is predict_img's (the image and its views go through the network as one batch)."""
+    from uncertainty import image_score, pixel_map, predict_with_views
     if normal_gate_ is None:
         normal_gate_ = float(meta.get("normal_gate", 1.0))
-    probs, cls_probs = _network_probs(predictor, meta, grey, tta_)
-    d = _decide_at(meta, grey.shape, probs, cls_probs, threshold_, normal_gate_)
-    views = view_predictions(predictor, resize_image(grey, int(meta["image_size"]))[None, None], probs[None],
-                             batch_size_)
-    views = [(p[0], None if c is None else c[0]) for p, c in views]
-    score = image_score(d.lesion, views,
-                        lambda p, c: _decide_at(meta, grey.shape, p, c, threshold_, normal_gate_).lesion)
-    umap = to_original(pixel_map(probs, [p for p, _ in views])[None], grey.shape)[0]
+    with one_thread() as n:
+        seg, cls, views = predict_with_views(on_threads(predictor, n),
+                                             resize_image(grey, int(meta["image_size"]))[None, None], batch_size_, tta_)
+        probs, cls_probs = torch.sigmoid(seg[0]), (None if cls is None else torch.softmax(cls[0], 0))
+        d = _decide_at(meta, grey.shape, probs, cls_probs, threshold_, normal_gate_)
+        views = [(p[0], None if c is None else c[0]) for p, c in views]
+        score = image_score(d.lesion, views,
+                            lambda p, c: _lesion_at(meta, grey.shape, p, c, threshold_, normal_gate_))
+        umap = to_original(pixel_map(probs, [p for p, _ in views])[None], grey.shape)[0]
     return d, score, umap.numpy()
 
 

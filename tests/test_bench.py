@@ -12,6 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_quick_prints_every_line(tmp_path):
+    """Every path of every part gets a rate: inference (naive, torch, ONNX fp32 and INT8), the page with and without
+    the uncertainty (and where its time goes), training with the recipe against the naive loop."""
     pytest.importorskip("onnxruntime")
     import bench
     out_json = tmp_path / "bench.json"
@@ -21,29 +23,33 @@ def test_bench_quick_prints_every_line(tmp_path):
     text = proc.stdout
     for line in bench.LINES:
         assert any(l.startswith(line) for l in text.splitlines()), f"missing line {line!r} in:\n{text}"
-    rows = {l.split("|")[1].strip(): [c.strip() for c in l.split("|")[2:-1]]
-            for l in text.splitlines() if l.startswith("| ") and not l.startswith("| metric")}
-    for metric in ("training images/s", "batched inference images/s", "single-image latency ms",
-                   "data pipeline images/s"):
-        project, naive, ratio = rows[metric][:3]
-        assert float(project) > 0 and float(naive) > 0 and ratio.endswith("x")
-    assert float(rows["batched inference images/s"][-1]) > 0  # ONNX Runtime column
-    assert "max |probability difference| vs PyTorch" in text
+    cells = {tuple(c.strip() for c in l.split("|")[1:3]): [c.strip() for c in l.split("|")[3:-1]]
+             for l in text.splitlines() if l.startswith("| quick (64 px")}
+    for path in bench.PATHS:
+        ips, vs_naive, _, latency = cells[next(k for k in cells if k[1] == path)][:4]
+        assert float(ips) > 0 and float(latency) > 0 and vs_naive.endswith("x"), (path, cells)
+    page_rows = [l for l in text.splitlines() if l.startswith("| torch, ") or l.startswith("| onnx-int8, ")]
+    assert len(page_rows) == 4 and all(float(l.split("|")[2]) > 0 for l in page_rows)
+    assert "where an upload's time goes (onnx-int8, with the uncertainty" in text
     result = json.loads(out_json.read_text())
-    assert {"project", "naive", "onnx"} <= set(result["paths"])
-    assert result["flops"]["train_gflop"] > result["flops"]["forward_gflop"] > 0
-    assert result["paths"]["onnx"]["max_prob_diff"] <= 1e-4
+    paths = result["inference"][0]["paths"]
+    assert set(paths) == set(bench.PATHS) and all(p["ips"] > 0 for p in paths.values())
+    assert result["inference"][0]["onnx_max_prob_diff"] <= 1e-4
+    assert result["train_project"]["train_ips"] > 0 and result["train_naive"]["train_ips"] > 0
+    assert result["train_project"]["recipe"] == "configs/busi_effl0.py"
+    assert set(result["page"]["parts_ms"]) == {"decode", "network", "post-processing", "pictures and JSON",
+                                               "HTTP and JSON transport"}
 
 
 def test_bench_worker_process_reports_a_result():
-    """The per-path process that a full run starts (so each path's peak memory is its own)."""
+    """The per-part process that a full run starts (so each part's peak memory is its own)."""
     import bench
-    proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--quick", "--worker", "naive"],
+    proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--quick", "--worker", "train_naive"],
                           capture_output=True, text=True, cwd=str(ROOT), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [l for l in proc.stdout.splitlines() if l.startswith(bench.RESULT_TAG)][-1]
     res = json.loads(line[len(bench.RESULT_TAG):])
-    assert res["train_ips"] > 0 and res["pipeline_ips"] > 0 and res["memory"]["rss_mib"] > 0
+    assert res["train_ips"] > 0 and res["pipeline_ips"] > 0 and res["rss_mib"] > 0
 
 
 def test_gpu_check_script_runs_end_to_end_on_cpu(tmp_path):

@@ -73,6 +73,21 @@ def test_onnx_runtime_matches_pytorch(random_checkpoint, tta):
     assert 0.5 < float(ref.abs().max()) < 1e3  # a meaningful comparison: logits neither all tiny nor huge
 
 
+@pytest.mark.parametrize("tta", [False, True])
+def test_batches_split_over_the_cores_give_the_one_session_results(random_checkpoint, tta):
+    """backends.onnx_file_predictor on 2 cores (a batch's parts run side by side on a one-thread session, single
+    images on the two-thread one) returns what one session returns, for any batch size and remainder."""
+    import export_onnx
+    from backends import make_session, onnx_file_predictor, session_predictor
+    path = export_onnx.ensure_onnx(random_checkpoint)
+    images = torch.randint(0, 256, (7, 1, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    ref = session_predictor(make_session(path, 1))(images, 7, tta)
+    split = onnx_file_predictor(path, threads=2)
+    for batch_size in (1, 2, 3, 5, 8):
+        got = split(images, batch_size, tta)
+        assert got.shape == ref.shape and float((got - ref).abs().max()) <= 1e-5, batch_size
+
+
 def test_stale_onnx_is_reexported(random_checkpoint, tmp_path):
     import shutil
     import export_onnx

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import predict
@@ -195,6 +196,50 @@ def test_uncertainty_map_score_and_review_flag(fake_model, tmp_path):
     fake_model(following_predictor)  # no cut-off anywhere: the score without a flag
     predict.main([str(src), "--out_dir", str(tmp_path / "d"), "--uncertainty"])
     assert _rows(tmp_path / "d" / "predictions.csv")[0]["review"] == ""
+
+
+def test_quick_outline_and_small_component_removal_match_the_library_versions():
+    """predict.thick_boundaries is skimage's find_boundaries(mode="thick"); remove_small, which labels only the
+    lesion's bounding box, drops exactly the components that labelling the whole image drops."""
+    from skimage.measure import label
+    from skimage.segmentation import find_boundaries
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        h, w = rng.integers(1, 40, 2)
+        m = rng.random((h, w)) < rng.uniform(0.05, 0.9)
+        assert (predict.thick_boundaries(m) == find_boundaries(m, mode="thick")).all()
+        components = label(m, connectivity=2)
+        sizes = np.bincount(components.ravel())
+        for area in (1, 3, 8):
+            keep = sizes >= area
+            keep[0] = False
+            assert (predict.remove_small(torch.from_numpy(m), area).numpy() == keep[components]).all()
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_the_image_and_its_views_go_through_the_network_in_one_call(tta):
+    """uncertainty.predict_with_views: one predictor call for the image and its views, with the results of the
+    separate calls (the reported prediction, with its tta, and view_predictions)."""
+    import uncertainty
+    from backends import split_output
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 1, 32, 32), dtype=torch.uint8, generator=g).numpy()
+    weight = torch.randn(2, 1, 3, 3, generator=g)
+    calls = []
+
+    def net(imgs, batch_size, tta_):  # a fixed convolution: not mirror-symmetric, so tta changes the answer
+        calls.append(len(imgs))
+        x = torch.as_tensor(np.array(imgs)).float() / 255
+        z = F.conv2d(x, weight, padding=1)
+        if tta_:
+            z = (z + F.conv2d(x.flip(-1), weight, padding=1).flip(-1)) / 2
+        return z, z.mean((2, 3)).repeat(1, 2)[:, :3]
+    seg, cls, views = uncertainty.predict_with_views(net, images, 8, tta)
+    assert calls == [2 * (1 + len(uncertainty.VIEWS))]
+    ref_seg, ref_cls = split_output(net(images, 8, tta))
+    assert torch.allclose(seg, ref_seg, atol=1e-6) and torch.allclose(cls, ref_cls, atol=1e-6)
+    for (p, c), (q, d) in zip(views, uncertainty.view_predictions(net, images, torch.sigmoid(ref_seg))):
+        assert torch.allclose(p, q, atol=1e-6) and torch.allclose(c, d, atol=1e-6)
 
 
 def test_review_cutoff_comes_from_the_setting_or_a_checkpoint_of_the_same_method():

@@ -27,7 +27,7 @@ async function api(path, body) {
 }
 
 function params(extra) {
-  const q = new URLSearchParams({ model: $("#model").value, threshold: String(state.threshold), ...extra });
+  const q = new URLSearchParams({ model: $("#model").value, backend: $("#backend").value, threshold: String(state.threshold), ...extra });
   return q.toString();
 }
 
@@ -249,6 +249,7 @@ function setupControls() {
   thr.addEventListener("change", refreshAll);
   $("#thr-reset").addEventListener("click", () => { state.threshold = -1; showThreshold(); refreshAll(); });
   $("#model").addEventListener("change", () => { state.threshold = -1; showThreshold(); showCard(); refreshAll(); });
+  $("#backend").addEventListener("change", refreshAll);
   for (const r of document.querySelectorAll("input[name=view]")) r.addEventListener("change", () => state.cards.forEach((c) => c.result && draw(c)));
 }
 
@@ -265,6 +266,8 @@ async function init() {
   state.config = cfg;
   for (const name of cfg.models) $("#model").append(el("option", { value: name, text: name }));
   $("#model").value = cfg.model;
+  for (const name of cfg.backends || []) $("#backend").append(el("option", { value: name, text: name }));
+  $("#backend").value = cfg.backend;
   showCard();
   if (cfg.pixel_mm) $("#pixel-mm").value = cfg.pixel_mm;
   $("#limits").textContent = `${cfg.kinds}; up to ${cfg.max_files} files at once, ${cfg.max_upload_mb} MB and ` +
