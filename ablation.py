@@ -5,7 +5,8 @@
 
 Every arm is a recipe that builds on configs/ablation/base.py and changes one thing. Each arm runs loso.py's
 folds (BUS-UCLM left out and BUS-BRA left out by default) into runs/ablation/<arm>/, resumable; the table
-(runs/ablation/ablation.md and .json, copied to checkpoints/ablation.md) lists per arm the held-out lesion
+(runs/ablation/ablation.md and .json, copied to checkpoints/ablation.md with each fold's record in
+checkpoints/ablation/<arm>/<fold>.json) lists per arm the held-out lesion
 Dice of each fold and their mean (the recipe is chosen by that mean, never by one set), complete misses,
 normal scans given a lesion, malignancy AUC, and the arm's cost in minutes (training + evaluation).
 """
@@ -93,9 +94,13 @@ def write_table(cfg: dict, rows: list[dict], folds: list[str]) -> str:
     text = format_table(rows, folds) + "\n"
     save_json_atomic(out / "ablation.json", json_safe({"folds": folds, "arms": rows}))
     (out / "ablation.md").write_text(text, encoding="utf-8")
-    if cfg["copy_table"]:
-        Path(cfg["copy_table"]).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(out / "ablation.md", cfg["copy_table"])
+    if cfg["copy_table"]:  # the table, and every finished fold's record beside it (checkpoints/ablation/<arm>/<fold>.json)
+        copy = Path(cfg["copy_table"])
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "ablation.md", copy)
+        for rec in out.glob("*/*/fold.json"):
+            (copy.with_suffix("") / rec.parent.parent.name).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(rec, copy.with_suffix("") / rec.parent.parent.name / f"{rec.parent.name}.json")
     return text
 
 

@@ -118,3 +118,15 @@ def test_ablation_table_compares_arms_on_the_same_folds(loso_run, tmp_path):
     text = ablation.format_table(rows, ["alpha", "beta"])
     assert text.splitlines()[2].startswith("| `head01` |") and "+0.100" in text
     assert [r["complete"] for r in rows] == [True, True]
+
+
+def test_ablation_copies_the_table_and_every_fold_record(loso_run, tmp_path):
+    import ablation
+    root, _, _ = loso_run
+    out = tmp_path / "abl"
+    (out / "base" / "alpha").mkdir(parents=True)
+    (out / "base" / "alpha" / "fold.json").write_text((root / "out" / "alpha" / "fold.json").read_text())
+    cfg = settings_with(ROOT / "ablation.py", out_dir=str(out), copy_table=str(tmp_path / "ck" / "ablation.md"))
+    ablation.write_table(cfg, ablation.arm_rows(out, ["base"], ["alpha"]), ["alpha"])
+    assert (tmp_path / "ck" / "ablation.md").read_text().count("| `base` |") == 1
+    assert json.loads((tmp_path / "ck" / "ablation" / "base" / "alpha.json").read_text())["held_out"] == "alpha"
