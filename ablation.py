@@ -104,6 +104,18 @@ def write_table(cfg: dict, rows: list[dict], folds: list[str]) -> str:
     return text
 
 
+def restore_records(cfg: dict, arm: str, folds: list[str]) -> None:
+    """Folds whose record was committed (checkpoints/ablation/<arm>/<fold>.json) count as done in a fresh checkout."""
+    if not cfg["copy_table"]:
+        return
+    for fold in folds:
+        kept = Path(cfg["copy_table"]).with_suffix("") / arm / f"{fold}.json"
+        here = Path(cfg["out_dir"]) / arm / fold / "fold.json"
+        if kept.is_file() and not here.exists():
+            here.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(kept, here)
+
+
 def run(cfg: dict) -> list[dict]:
     import loso
     from cli import settings_with
@@ -115,6 +127,7 @@ def run(cfg: dict) -> list[dict]:
         raise DataError(f"no recipe configs/ablation/{missing[0]}.py (arms: {', '.join(missing)})")
     for name in names:
         log.info("arm %s", name)
+        restore_records(cfg, name, folds)
         loso.run(settings_with(loso.__file__, recipe=f"configs/ablation/{name}.py", holdout=cfg["holdout"],
                                out_dir=str(Path(cfg["out_dir"]) / name), split_dir=cfg["split_dir"],
                                stages=cfg["stages"]))

@@ -130,3 +130,6 @@ def test_ablation_copies_the_table_and_every_fold_record(loso_run, tmp_path):
     ablation.write_table(cfg, ablation.arm_rows(out, ["base"], ["alpha"]), ["alpha"])
     assert (tmp_path / "ck" / "ablation.md").read_text().count("| `base` |") == 1
     assert json.loads((tmp_path / "ck" / "ablation" / "base" / "alpha.json").read_text())["held_out"] == "alpha"
+    fresh = tmp_path / "fresh"  # a new checkout: the committed record makes the fold count as done
+    ablation.restore_records({**cfg, "out_dir": str(fresh)}, "base", ["alpha", "beta"])
+    assert (fresh / "base" / "alpha" / "fold.json").is_file() and not (fresh / "base" / "beta").exists()
