@@ -371,11 +371,11 @@ def run_page(args, checkpoint: Path, dev: torch.device) -> dict:
         res["runs"].append(r)
         if split and "median_s" in r:
             keep = args.page_uploads  # the warm-up upload is left out
-            med = {k: 1000 * median(v[-keep:]) for k, v in parts.items()}
-            res["parts_ms"] = {"decode": med.get("decode", 0.0), "network": med.get("network", 0.0),
-                               "post-processing": med.get("read_out", 0.0) - med.get("network", 0.0),
-                               "pictures and JSON": med.get("pictures and JSON", 0.0)}
-            res["parts_ms"]["HTTP and JSON transport"] = 1000 * r["median_s"] - sum(res["parts_ms"].values())
+            mean = {k: 1000 * float(np.mean(v[-keep:])) for k, v in parts.items()}
+            res["parts_ms"] = {"decode": mean.get("decode", 0.0), "network": mean.get("network", 0.0),
+                               "post-processing": mean.get("read_out", 0.0) - mean.get("network", 0.0),
+                               "pictures and JSON": mean.get("pictures and JSON", 0.0)}
+            res["parts_ms"]["HTTP and JSON transport"] = 1000 * r["mean_s"] - sum(res["parts_ms"].values())
     res.update(rss_mib=peak_rss_mib(), load_end=loadavg())
     return res
 
@@ -639,7 +639,7 @@ def report(args, dev: torch.device, ceil: dict, infer: list[dict], page: dict | 
             else:
                 print(f"| {what} | {r['median_s']:.3f} | {r['best_s']:.3f} |")
         if page.get("parts_ms"):
-            print("where an upload's time goes (onnx-int8, with the uncertainty; medians, ms): "
+            print("where an upload's time goes (onnx-int8, with the uncertainty; means, ms): "
                   + ", ".join(f"{k} {v:.0f}" for k, v in page["parts_ms"].items()))
         print()
     if train_p:
