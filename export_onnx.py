@@ -140,11 +140,17 @@ def ensure_onnx(checkpoint_path: str | Path) -> Path:
 def onnx_predictor(checkpoint_path: str | Path, meta: dict | None = None, threads: int = 0):
     """predict.py's ONNX backend: a callable (uint8 images, batch_size, tta) -> torch float32 logits, running
     <checkpoint stem>.onnx (exported on first use) with ONNX Runtime on the CPU."""
+    return runtime_predictor("onnx", ensure_onnx, checkpoint_path, meta, threads)
+
+
+def runtime_predictor(backend: str, ensure, checkpoint_path: str | Path, meta: dict | None, threads: int):
+    """The onnx and onnx-int8 backends: ensure(checkpoint) gives the up-to-date .onnx file, checked against the
+    checkpoint's image size and run with ONNX Runtime on the CPU."""
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        raise RuntimeError("the onnx backend needs onnxruntime and onnx (pip install onnx onnxruntime)") from None
-    path = ensure_onnx(checkpoint_path)
+        raise RuntimeError(f"the {backend} backend needs onnxruntime and onnx (pip install onnx onnxruntime)") from None
+    path = ensure(checkpoint_path)
     check_image_size(path, meta, checkpoint_path)
     from backends import onnx_file_predictor
     return onnx_file_predictor(path, threads)

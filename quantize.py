@@ -275,15 +275,8 @@ def ensure_int8(checkpoint_path: str | Path) -> Path:
 def int8_predictor(checkpoint_path: str | Path, meta: dict | None = None, threads: int = 0):
     """predict.py's onnx-int8 backend: a callable (uint8 images, batch_size, tta) -> torch float32 logits (and
     label logits), running <checkpoint stem>.int8.onnx (built on first use) with ONNX Runtime on the CPU."""
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        raise RuntimeError("the onnx-int8 backend needs onnxruntime and onnx (pip install onnx onnxruntime)") from None
-    from backends import onnx_file_predictor
-    from export_onnx import check_image_size
-    path = ensure_int8(checkpoint_path)
-    check_image_size(path, meta, checkpoint_path)
-    return onnx_file_predictor(path, threads)
+    from export_onnx import runtime_predictor
+    return runtime_predictor("onnx-int8", ensure_int8, checkpoint_path, meta, threads)
 
 
 # ---------------------------------------------------------------------------------------------------------
