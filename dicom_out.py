@@ -30,9 +30,12 @@ the source's rows and columns. Geometry: an ultrasound frame has no position in 
 Orientation (Patient)), so the SEG has none either and is tied to its source frame by reference (Derivation Image
 Sequence, Spatial Locations Preserved YES), which is how highdicom makes segmentations of images without a patient
 coordinate system (X-ray, ultrasound; the Frame of Reference UID is copied when the source has one). It carries no
-Pixel Measures: without a Frame of Reference the standard does not ask for them, a 2D frame has no slice thickness,
-and highdicom 0.28 reads back no Pixel Measures without one; the pixel size (Pixel Spacing, or the calibrated
-ultrasound region) stays the source's, and the SR gives the sizes in mm.
+Pixel Measures, by the standard (PS3.3 A.51.5, Table A.51-2): they are required only where the SEG has no Derivation
+Image functional group and a patient-relative Frame of Reference, and may be present only with such a Frame of
+Reference; without one "each pixel of the segmentation shall correspond to a pixel in a referenced image" (A.51.5.1),
+so the SEG's pixel spacing is its source's (Pixel Spacing, or the calibrated ultrasound region) by construction, and
+the SR gives the sizes in mm. (highdicom 0.28 also refuses to read Pixel Measures without a Slice Thickness, which a
+2D frame does not have.)
 Multi-frame sources (cine loops): one SEG and one SR per predicted frame, each referencing its frame (Referenced
 Frame Number). highdicom makes a SEG of a multi-frame image without a patient coordinate system for a single
 frame only (its issue #284), so the SEG is built against a single-frame stand-in of the header and its references

@@ -122,7 +122,8 @@ def test_seg_of_a_region_calibrated_frame_reads_back_pixel_for_pixel(tmp_path):
     assert back.SeriesInstanceUID != source.SeriesInstanceUID and back.SOPInstanceUID != source.SOPInstanceUID
     for key, value in NOT_COPIED.items():
         assert back.get(key) != value and value.encode() not in (tmp_path / "seg.dcm").read_bytes(), key
-    # no plane geometry of its own (see dicom_out's docstring): the source's pixel size is not restated
+    # no plane geometry of its own: without a patient-relative Frame of Reference the standard (PS3.3 A.51.5) ties each
+    # SEG pixel to its source pixel (Derivation Image) and allows no Pixel Measures: the spacing is the source's
     assert "PixelMeasuresSequence" not in back.SharedFunctionalGroupsSequence[0] and "PixelSpacing" not in back
     segment = back.SegmentSequence[0]
     assert segment.SegmentLabel == "lesion 1" and segment.SegmentAlgorithmType == "AUTOMATIC"
