@@ -17,11 +17,12 @@ Preprocessing, as MedSAM's LiteMedSAM inference script does it: the grey image r
 longest side resized to 256 (area averaging when shrinking, bilinear when enlarging), intensities scaled to
 [0, 1] by their minimum and maximum, padded with zeros at the bottom and right to 256 x 256; the box scaled by
 the same factor. The 256 x 256 mask logits are cut to the resized image, resized back bilinearly to the
-original size, and thresholded at probability 0.5.
+original size (above dataset.WORK_SIDE a side: to the working resolution, the mask then drawn back at full size),
+and thresholded at probability 0.5.
 
 Boxes are (x0, y0, x1, y1) in pixels of the image: x is the column, y the row, both ends inside the lesion's
 outline (inclusive, as a bounding box of mask pixels). Of the project, this module imports only dataset.py
-(DataError).
+(DataError, the working resolution).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dataset import DataError
+from dataset import DataError, to_full, working_size
 
 SIZE = 256            # LiteMedSAM's input side
 PROB_THRESHOLD = 0.5  # mask probability threshold (MedSAM's)
@@ -160,7 +161,8 @@ class BoxPrompter:
 
     @torch.inference_mode()
     def probabilities(self, emb: Embedded, box) -> np.ndarray:
-        """float32 H x W: LiteMedSAM's lesion probability for one box (x0, y0, x1, y1 in image pixels)."""
+        """float32: LiteMedSAM's lesion probability for one box (x0, y0, x1, y1 in image pixels), at the image's
+        working resolution (its own size up to dataset.WORK_SIDE a side)."""
         x0, y0, x1, y1 = clip_box(box, emb.shape)
         box256 = torch.tensor([[[x0, y0, x1, y1]]], dtype=torch.float32, device=self.device) * emb.scale
         pe = self.net.prompt_encoder
@@ -169,12 +171,12 @@ class BoxPrompter:
                                           sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                                           multimask_output=False)
         logits = logits[..., :emb.resized[0], :emb.resized[1]].float()
-        full = F.interpolate(logits, size=emb.shape, mode="bilinear", align_corners=False)
+        full = F.interpolate(logits, size=working_size(emb.shape), mode="bilinear", align_corners=False)
         return torch.sigmoid(full)[0, 0].cpu().numpy()
 
     def segment_embedded(self, emb: Embedded, box) -> np.ndarray:
-        """bool H x W: the mask for one box on an embedded image."""
-        return self.probabilities(emb, box) > PROB_THRESHOLD
+        """bool H x W: the mask for one box on an embedded image (at the image's full size)."""
+        return to_full(self.probabilities(emb, box) > PROB_THRESHOLD, emb.shape)
 
     def segment(self, grey: np.ndarray, box) -> np.ndarray:
         """bool H x W: the mask for one box (x0, y0, x1, y1 in pixels) on a uint8 grey image."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from dicom_io import has_dicom_magic, is_dicom
 
@@ -39,6 +39,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".
 # decodes to more than this is refused instead of filling memory.
 MAX_IMAGE_PIXELS = 50_000_000
 Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+# Working resolution: an image whose longest side is over this is read, segmented, measured and drawn at this size
+# (shrink); only its mask is drawn back at full size (to_full), so memory stays bounded whatever the image's size.
+WORK_SIDE = 2048
 
 
 class DataError(Exception):
@@ -55,7 +58,11 @@ def preprocessing_meta(image_size: int = IMAGE_SIZE) -> dict:
 # Reading files
 # ---------------------------------------------------------------------------------------------------------
 
+ORIENTATION_TAG = 0x0112  # EXIF Orientation (JPEG, TIFF, PNG eXIf): 1 is upright
+
+
 def _open(path: Path) -> Image.Image:
+    """A decoded image, upright as its EXIF orientation says; a DataError naming the file otherwise."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
@@ -72,6 +79,8 @@ def _open(path: Path) -> Image.Image:
             if img.width * img.height > MAX_IMAGE_PIXELS:  # also refused before decoding, whatever PIL says
                 raise Image.DecompressionBombError(f"{img.width}x{img.height} = {img.width * img.height} pixels")
             img.load()
+            if img.getexif().get(ORIENTATION_TAG, 1) != 1:  # stored turned: show it as every viewer does
+                ImageOps.exif_transpose(img, in_place=True)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         _close(img)
         raise DataError(f"{path}: image too large ({e}); the limit is {MAX_IMAGE_PIXELS} pixels "
@@ -111,7 +120,7 @@ def _to_grey(img: Image.Image, path: Path) -> np.ndarray:
             img = img.convert("RGBA").convert("RGB")  # alpha is dropped: pixel values stay as stored
         if mode == "LAB":
             return np.asarray(img.getchannel("L"), dtype=np.uint8)  # lightness is the grey image
-        return np.asarray(img.convert("L"), dtype=np.uint8)
+        return np.asarray(img if mode == "L" else img.convert("L"), dtype=np.uint8)  # L: no second copy
     except Exception as e:  # noqa: BLE001 - e.g. a mode PIL cannot convert, or a decoder error on access
         raise DataError(f"{path}: cannot convert image of mode {mode} to greyscale ({e})") from None
 
@@ -127,6 +136,12 @@ def load_image(path: str | Path) -> np.ndarray:
         except DicomError as e:
             raise DataError(str(e)) from None
     return _to_grey(_open(path), path)
+
+
+def load_working_image(path: str | Path) -> tuple[np.ndarray, tuple[int, int]]:
+    """(load_image at the working resolution (shrink), the image's full (rows, cols))."""
+    grey = load_image(path)
+    return shrink(grey), grey.shape
 
 
 def load_mask(path: str | Path, expected_shape: tuple[int, int] | None = None) -> np.ndarray:
@@ -177,6 +192,45 @@ def resize_mask(mask: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
     """bool HxW -> bool size x size. Area-weighted resize then >= 0.5, so the mask stays binary and centred."""
     m = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.BILINEAR)
     return np.asarray(m) >= 128
+
+
+def working_size(shape: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of an image of this shape at the working resolution: the longest side at most WORK_SIDE."""
+    h, w = int(shape[0]), int(shape[1])
+    k = WORK_SIDE / max(h, w)
+    return (h, w) if k >= 1 else (max(1, round(h * k)), max(1, round(w * k)))
+
+
+def shrink(grey: np.ndarray) -> np.ndarray:
+    """uint8 H x W at the working resolution (bilinear with antialiasing); the array itself when small enough."""
+    h, w = working_size(grey.shape)
+    if (h, w) == grey.shape:
+        return grey
+    return np.asarray(Image.fromarray(grey).resize((w, h), Image.BILINEAR), dtype=np.uint8)
+
+
+def block_edges(full: int, work: int) -> np.ndarray:
+    """work + 1 pixel indices: working pixel i stands for the full-size pixels block_edges[i] to block_edges[i+1] - 1
+    (the inverse of to_full's nearest neighbour)."""
+    return -(-np.arange(work + 1, dtype=np.int64) * full // work)
+
+
+def to_full(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A mask (or label image, or a stack ... x h x w) at the working resolution drawn back at full size by nearest
+    neighbour: full pixel (r, c) takes working pixel (r * h // H, c * w // W). Same dtype: a mask, never a float map.
+    The array itself when it already has that size."""
+    h, w = mask.shape[-2:]
+    rows, cols = int(shape[0]), int(shape[1])
+    if (h, w) == (rows, cols):
+        return mask
+    return mask[..., np.arange(rows) * h // rows, :][..., np.arange(cols) * w // cols]
+
+
+def full_area(mask: np.ndarray, shape: tuple[int, int]) -> int:
+    """The number of pixels of to_full(mask, shape), without drawing it."""
+    rows = np.diff(block_edges(shape[0], mask.shape[0]))
+    cols = np.diff(block_edges(shape[1], mask.shape[1]))
+    return int(rows @ np.asarray(mask, np.int64) @ cols)
 
 
 def normalize(x):
@@ -673,6 +727,17 @@ def _grouped_split(samples: list[Sample], val_fraction: float, seed: int, folds:
     return split
 
 
+def _move_to_val(split: dict, samples: list[Sample], groups: dict[str, str], names: frozenset[str]) -> None:
+    """Move every training image named in names (a file name), and the rest of its group, to validation."""
+    moving = {groups.get(s.key, s.key) for s in samples if Path(s.key).name in names}
+    moved = {s.key for s in samples if groups.get(s.key, s.key) in moving} & set(split["train"])
+    split["train"] = sorted(set(split["train"]) - moved)
+    split["val"] = sorted(set(split["val"]) | moved)
+    split["val_always"] = sorted(names)
+    if moved:
+        log.info("moved %d image(s) to validation (val_always): %s", len(moved), sorted(moved)[:6])
+
+
 def select_fold(split: dict, fold: int) -> tuple[list[str], list[str]]:
     """(train keys, validation keys) of a split: the stored pair, or fold `fold` of a K-fold split."""
     if "folds" in split:
@@ -712,8 +777,11 @@ def read_split(path: str | Path, hint: str = "") -> dict:
 
 
 def load_or_make_split(path: str | Path, samples: list[Sample], val_fraction: float = 0.2, seed: int = 42,
-                       folds: int = 0, report: dict | None = None, groups: dict[str, str] | None = None) -> dict:
-    """Reuse the split file when it exists (so every run sees the same validation images), else write one."""
+                       folds: int = 0, report: dict | None = None, groups: dict[str, str] | None = None,
+                       val_always: frozenset[str] = frozenset()) -> dict:
+    """Reuse the split file when it exists (so every run sees the same validation images), else write one.
+    val_always: file names that a new train/validation split puts in validation, with their whole group
+    (e.g. the committed sample scans, so the model's predictions of them show images it never trained on)."""
     path = Path(path)
     keys = {s.key for s in samples}
     if path.exists():
@@ -749,6 +817,8 @@ def load_or_make_split(path: str | Path, samples: list[Sample], val_fraction: fl
             split["grouped"] = {"groups": sorted(g for p in parts.values() for g in p.get("grouped", {}).get("groups", []))}
     else:
         split = make_split(samples, val_fraction, seed, folds, groups)
+    if val_always and "train" in split:
+        _move_to_val(split, samples, groups or {}, val_always)
     if report:
         split["duplicates"] = {k: v for k, v in report.items() if k != "near_duplicates"}
         if "near_duplicates" in report:

@@ -101,7 +101,7 @@ from evaluate_readout import (add_measurements, add_uncertainty, format_readout,
                               readout_columns, uncertainty_summary, write_readout_plots)
 from metrics import (bootstrap_ci, classification_summary, complete_miss, confusion, dice_iou, dice_iou_counts,
                      expected_calibration_error, hd95, nanmean, precision_recall, roc_auc, sens_spec, stats)
-from predict import decide, scale_min_area, split_output, to_original
+from predict import decide, decide_full, scale_min_area, split_output, to_original
 
 log = logging.getLogger("evaluate")
 
@@ -353,8 +353,8 @@ def evaluate_set(predictor, data: LoadedSet, threshold: float, batch_size: int =
         bce_sum += float(torch.nn.functional.binary_cross_entropy_with_logits(seg, target, reduction="sum"))
         for j, (probs, cls_probs) in enumerate(_probabilities(seg, cls)):
             s, full = data.samples[i + j], data.full_masks[i + j]
-            d = decide(to_original(probs, full.shape), threshold, _area_px(min_area, data, full.shape), cls_probs,
-                       normal_gate, gate_keep)
+            d = decide_full(probs, full.shape, threshold, _area_px(min_area, data, full.shape), cls_probs,
+                            normal_gate, gate_keep)
             rows.append(sample_row(s, d, full, with_hd95, subgroups))
             if masks is not None:
                 masks[s.key] = (np.packbits(d.lesion), d.lesion.shape)
@@ -378,15 +378,25 @@ GATE_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)              # only for che
 
 
 def _component_counts(probs: torch.Tensor, true: np.ndarray, thresholds, areas_px) -> tuple[np.ndarray, ...]:
-    """predict.decide's mask for many settings at once, reduced to what the sweep needs: for each threshold
+    """predict.decide_full's mask for many settings at once, reduced to what the sweep needs: for each threshold
     x minimum area (pixels of this image), the overlap with the true mask, the predicted area, the lesion
     class holding the most probability (index into LESION_CLASSES), the summed top probability of the kept
     pixels (the gate's keep rule reads its mean), and per threshold the area before the minimum area. Each
     threshold's connected components (8-connectivity) are labelled once; a minimum area keeps those of at
-    least that many pixels."""
+    least that many pixels. probs: network-size probabilities; the components are found at the image's working
+    resolution (dataset.working_size) and counted in full-size pixels."""
     from scipy import ndimage
-    p = probs.float().numpy()
+
+    from dataset import block_edges, working_size
+    work = working_size(true.shape)
+    p = to_original(probs, work).float().numpy()
     top = p.max(0)
+    weight, mass_p, mass_top = None, p, top  # full-size pixels per working pixel (None: the image is its own)
+    if work != true.shape:
+        rows, cols = block_edges(true.shape[0], work[0]), block_edges(true.shape[1], work[1])
+        weight = np.outer(np.diff(rows), np.diff(cols)).astype(np.float32)
+        true = np.add.reduceat(np.add.reduceat(true, rows[:-1], axis=0, dtype=np.int32), cols[:-1], axis=1)
+        mass_p, mass_top = p * weight, top * weight  # probability summed over full-size pixels
     shape = (len(thresholds), len(areas_px))
     inter, area, cls, top_mass = np.zeros(shape), np.zeros(shape), np.zeros(shape, dtype=int), np.zeros(shape)
     raw = np.zeros((len(thresholds), 1))
@@ -395,10 +405,10 @@ def _component_counts(probs: torch.Tensor, true: np.ndarray, thresholds, areas_p
         if n == 0:
             continue
         flat = lab.ravel()
-        size = np.bincount(flat, minlength=n + 1)[1:]
+        size = np.bincount(flat, weights=None if weight is None else weight.ravel(), minlength=n + 1)[1:]
         over = np.bincount(flat, weights=true.ravel(), minlength=n + 1)[1:]
-        mass = np.stack([np.bincount(flat, weights=ch.ravel(), minlength=n + 1)[1:] for ch in p])
-        tmass = np.bincount(flat, weights=top.ravel(), minlength=n + 1)[1:]
+        mass = np.stack([np.bincount(flat, weights=ch.ravel(), minlength=n + 1)[1:] for ch in mass_p])
+        tmass = np.bincount(flat, weights=mass_top.ravel(), minlength=n + 1)[1:]
         raw[ti] = size.sum()
         for ai, a in enumerate(areas_px):
             keep = size >= a
@@ -476,7 +486,7 @@ def threshold_sweep(predictor, data: LoadedSet, grid=THRESHOLD_GRID, batch_size:
         for j, (probs, cls_probs) in enumerate(_probabilities(seg, cls)):
             full = data.full_masks[i + j]
             areas = [_area_px(a, data, full.shape) for a in min_areas]
-            counts.append(_component_counts(to_original(probs, full.shape), full, grid, areas))
+            counts.append(_component_counts(probs, full, grid, areas))
             heads.append(_head_view(cls_probs))
     if not counts:
         return []

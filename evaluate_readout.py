@@ -37,7 +37,7 @@ from dataset import LESION_CLASSES, MAX_IMAGE_PIXELS, LoadedSet
 from dicom_io import Geometry, PixelSize, is_dicom, read_frames
 from measure import NUMERIC_CUES, cue_values, measure_lesions
 from metrics import bland_altman, nanmean, risk_coverage, roc_auc, youden_cutoff
-from predict import lesion_mask, scale_min_area, to_original
+from predict import lesion_full, scale_min_area
 
 FAILURE_DICE = 0.5     # an image whose Dice (b) is below this is a failure the review flag should catch
 COVERAGES = (0.5, 0.8, 0.9, 1.0)  # shares kept reported in the table
@@ -134,7 +134,7 @@ def add_uncertainty(rows: list[dict], batches, predictor, data: LoadedSet, setti
             area = scale_min_area(setting["min_area"], size, shape)
 
             def to_mask(p, c, shape=shape, area=area) -> np.ndarray:
-                return lesion_mask(to_original(p, shape), setting["threshold"], area, c, setting["normal_gate"],
+                return lesion_full(p, shape, setting["threshold"], area, c, setting["normal_gate"],
                                    setting.get("gate_keep", 1.0))
             rows[i + j]["uncertainty"] = image_score(pred_mask(sample.key),
                                                      [(p[j], None if c is None else c[j]) for p, c in views], to_mask)

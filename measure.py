@@ -137,37 +137,53 @@ def _terms(numbers: dict, height_width: float, diameter_px: float) -> dict:
             "orientation": "not parallel" if height_width > 1.0 else "parallel"}
 
 
-def _sizes(region, size) -> tuple[dict, dict]:
-    """(diameters in px, in mm or None) of one region; size: a PixelSize or None."""
+def _sizes(region, size, scale: tuple[float, float]) -> tuple[dict, dict]:
+    """(diameters in px, in mm or None) of one region; size: a PixelSize or None; scale: full-size pixels per mask
+    pixel (rows, cols). Lengths are in full-size pixels, end points in mask pixels."""
     outline = _hull_outline(region.image) + np.asarray(region.bbox[:2], float)
-    px = _diameters(outline, (1.0, 1.0))
+    px = _diameters(outline, scale)
     if size is None:
         return px, None
     if math.isclose(size.row_mm, size.col_mm, rel_tol=1e-6):
         mm = {**px, "long": px["long"] * size.row_mm, "perp": px["perp"] * size.row_mm}
         return px, mm
-    return px, _diameters(outline, (size.row_mm, size.col_mm))  # not square: the longest chord may differ
+    # not square: the longest chord may differ
+    return px, _diameters(outline, (scale[0] * size.row_mm, scale[1] * size.col_mm))
 
 
 def _r(v, digits: int = 3):
     return None if v is None else round(float(v), digits)
 
 
-def measure_region(region, pixel_size_at: PixelSizeAt | None = None) -> dict:
-    """Every measurement of one skimage region (a labelled lesion) as a JSON-ready dict."""
-    size = pixel_size_at(*region.centroid) if pixel_size_at else None
-    px, mm = _sizes(region, size)
-    r0, c0, r1, c1 = region.bbox
+def measure_region(region, pixel_size_at: PixelSizeAt | None = None,
+                   blocks: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """Every measurement of one skimage region (a labelled lesion) as a JSON-ready dict. blocks: for a mask at a
+    working resolution, dataset.block_edges of its rows and columns; sizes and points are then in pixels of the
+    full-size image (the area exactly that of the mask dataset.to_full draws back). Shape and margin numbers are
+    ratios of the mask's own grid."""
+    scale = (1.0, 1.0) if blocks is None else tuple(float(e[-1]) / (len(e) - 1) for e in blocks)
+
+    def full(p) -> list[float]:  # a point of the mask's grid at the full size (pixel centres stay centres)
+        return [float(v) if k == 1 else (float(v) + 0.5) * k - 0.5 for v, k in zip(p, scale)]
+
+    def point(p) -> list[float]:
+        return [round(v, 1) for v in full(p)]
+    centroid = full(region.centroid)
+    size = pixel_size_at(*centroid) if pixel_size_at else None
+    px, mm = _sizes(region, size, scale)
+    r0, c0, r1, c1 = (int(v) for v in region.bbox)
+    area = int(region.area)
+    if blocks is not None:  # the full-size pixels of each mask pixel
+        rows, cols = blocks
+        r0, c0, r1, c1 = int(rows[r0]), int(cols[c0]), int(rows[r1]), int(cols[c1])
+        area = int((np.diff(rows)[region.coords[:, 0]] * np.diff(cols)[region.coords[:, 1]]).sum())
     height, width = (r1 - r0) * (size.row_mm if size else 1.0), (c1 - c0) * (size.col_mm if size else 1.0)
     numbers = {"axis_ratio": region.axis_minor_length / region.axis_major_length if region.axis_major_length else 1.0,
                "ellipse_iou": _ellipse_iou(region), **_margin_numbers(region)}
-    terms = _terms(numbers, height / width, region.equivalent_diameter_area)
-    mm_area = region.area * size.row_mm * size.col_mm if size else None
-
-    def point(p) -> list[float]:
-        return [round(float(p[0]), 1), round(float(p[1]), 1)]
+    terms = _terms(numbers, height / width, math.sqrt(4 * area / math.pi))
+    mm_area = area * size.row_mm * size.col_mm if size else None
     return {
-        "area": {"px": int(region.area), "mm2": _r(mm_area, 2)},
+        "area": {"px": area, "mm2": _r(mm_area, 2)},
         "long_diameter": {"px": _r(px["long"], 2), "mm": _r(mm and mm["long"], 2),
                           "ends_row_col": [point(p) for p in (mm or px)["long_ends"]]},
         "perpendicular_diameter": {"px": _r(px["perp"], 2), "mm": _r(mm and mm["perp"], 2),
@@ -178,7 +194,7 @@ def measure_region(region, pixel_size_at: PixelSizeAt | None = None) -> dict:
                   "ellipse_iou": _r(numbers["ellipse_iou"]), "solidity": _r(numbers["solidity"])},
         "margin": {"term": terms["margin"], "convexity": _r(numbers["convexity"]), "solidity": _r(numbers["solidity"]),
                    "concavity_depth": _r(numbers["concavity_depth"])},
-        "centroid_row_col": point(region.centroid), "bbox_row_col": [int(r0), int(c0), int(r1), int(c1)],
+        "centroid_row_col": point(region.centroid), "bbox_row_col": [r0, c0, r1, c1],
         "pixel_size": size.to_json() if size is not None else None,
     }
 
@@ -194,13 +210,21 @@ def lesion_labels(mask: np.ndarray) -> np.ndarray:
     return order[components]
 
 
-def measure_lesions(mask: np.ndarray, pixel_size_at: PixelSizeAt | None = None) -> list[dict]:
-    """One dict per lesion (lesion_labels), the largest first, numbered from 1."""
+def measure_lesions(mask: np.ndarray, pixel_size_at: PixelSizeAt | None = None,
+                    shape: tuple[int, int] | None = None) -> list[dict]:
+    """One dict per lesion (lesion_labels), the largest first, numbered from 1. shape: the full size (rows, cols)
+    of an image whose mask is at the working resolution (dataset.shrink): every size, point and pixel size is then
+    that of the full-size image."""
     from skimage.measure import regionprops
+
+    from dataset import block_edges
     mask = np.asarray(mask, bool)
     if not mask.any():
         return []
-    return [{"lesion": int(r.label), **measure_region(r, pixel_size_at)} for r in regionprops(lesion_labels(mask))]
+    blocks = None if shape is None or tuple(shape) == mask.shape else \
+        (block_edges(shape[0], mask.shape[0]), block_edges(shape[1], mask.shape[1]))
+    return [{"lesion": int(r.label), **measure_region(r, pixel_size_at, blocks)}
+            for r in regionprops(lesion_labels(mask))]
 
 
 def cue_values(lesion: dict | None) -> dict[str, float]:

@@ -21,6 +21,10 @@ the review flag). The shape cues are descriptors computed from a predicted mask,
 BI-RADS category; every output says so. With --dicom_out, each frame of a DICOM input also gets <name>_seg.dcm (a
 DICOM Segmentation of its lesions) and <name>_sr.dcm (a TID 1500 measurement report), new instances of the
 source's patient and study (dicom_out.py); the other outputs still carry nothing of the header but its geometry.
+Images are read upright as their EXIF orientation says. An image whose longest side is over dataset.WORK_SIDE
+(2048) pixels is segmented, measured and drawn at that working resolution (the overlay and uncertainty pictures
+have that size); the mask is drawn back at full size and every size and point is in full-size pixels, so the
+memory an image needs stays bounded (README: peak memory per megapixel).
 Threshold, minimum lesion area, the head's normal gate and the uncertainty cut-off come from the checkpoint.
 Image size, normalization, classes and threshold come from the checkpoint, never from flags that could
 disagree with training. A bad file is reported and skipped; the others are still written; the exit code
@@ -33,6 +37,7 @@ import csv
 import functools
 import glob
 import logging
+import math
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,8 +49,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from backends import pick_device, predict_logits, split_output  # noqa: F401 - predict.py's public names
-from dataset import (CLASS_NAMES, IMAGE_EXTENSIONS, LESION_CLASSES, MAX_IMAGE_PIXELS, DataError, _MASK_RE,
-                     load_image, resize_image, save_json_atomic)
+from dataset import (CLASS_NAMES, IMAGE_EXTENSIONS, LESION_CLASSES, MAX_IMAGE_PIXELS, DataError, _MASK_RE, full_area,
+                     load_working_image, resize_image, save_json_atomic, shrink, to_full, working_size)
 from dicom_io import DicomError, Geometry, has_dicom_magic, is_dicom, pixel_mm_lookup
 
 log = logging.getLogger("predict")
@@ -177,6 +182,29 @@ def lesion_mask(probs: torch.Tensor, threshold: float, min_area: float = 0.0, cl
     return _gated_lesion(probs.float().amax(0), threshold, min_area, p_normal, normal_gate, gate_keep)[0].numpy()
 
 
+def _at_work(probs: torch.Tensor, shape: tuple[int, int], min_area: float) -> tuple[torch.Tensor, float]:
+    """Network-size probabilities at the working resolution of an image of this shape, and a minimum area in its
+    pixels at that resolution."""
+    work = working_size(shape)
+    return to_original(probs, work), min_area * (work[0] * work[1]) / (shape[0] * shape[1])
+
+
+def decide_full(probs: torch.Tensor, shape: tuple[int, int], threshold: float, min_area: float = 0.0,
+                cls_probs: torch.Tensor | None = None, normal_gate: float = 1.0, gate_keep: float = 1.0) -> Decision:
+    """decide() for an image of this shape (min_area: its pixels) at its working resolution (dataset.working_size),
+    the masks drawn back at full size: no probability map larger than dataset.WORK_SIDE a side is made."""
+    p, area = _at_work(probs, shape, min_area)
+    d = decide(p, threshold, area, cls_probs, normal_gate, gate_keep)
+    return replace(d, lesion=to_full(d.lesion, shape), class_masks=to_full(d.class_masks, shape))
+
+
+def lesion_full(probs: torch.Tensor, shape: tuple[int, int], threshold: float, min_area: float = 0.0,
+                cls_probs: torch.Tensor | None = None, normal_gate: float = 1.0, gate_keep: float = 1.0) -> np.ndarray:
+    """decide_full(...).lesion alone (lesion_mask at the working resolution)."""
+    p, area = _at_work(probs, shape, min_area)
+    return to_full(lesion_mask(p, threshold, area, cls_probs, normal_gate, gate_keep), shape)
+
+
 def scale_min_area(min_area: float, image_size: int, shape: tuple[int, int]) -> float:
     """A minimum lesion-component area in pixels of the network input (image_size x image_size), in pixels of an
     image of this shape."""
@@ -211,11 +239,13 @@ def _text_lines(draw: ImageDraw.ImageDraw, xy: tuple[int, int], lines: list[tupl
         y = box[3] + 3
 
 
-def _draw_diameters(draw: ImageDraw.ImageDraw, lesions: list[dict], width: int, size: int) -> None:
-    """Each lesion's two diameters as caliper lines with end marks, and its number beside the first end."""
+def _draw_diameters(draw: ImageDraw.ImageDraw, lesions: list[dict], width: int, size: int,
+                    scale: tuple[float, float] = (1.0, 1.0)) -> None:
+    """Each lesion's two diameters as caliper lines with end marks, and its number beside the first end; scale:
+    the picture's pixels per pixel of the lesions' coordinates (rows, cols)."""
     for lesion in lesions:
         for key, colour in zip(("long_diameter", "perpendicular_diameter"), DIAMETER_COLOURS):
-            (r0, c0), (r1, c1) = lesion[key]["ends_row_col"]
+            (r0, c0), (r1, c1) = ((r * scale[0], c * scale[1]) for r, c in lesion[key]["ends_row_col"])
             draw.line([(c0, r0), (c1, r1)], fill=colour, width=width)
             for r, c in ((r0, c0), (r1, c1)):
                 k = 2 * width + 2
@@ -223,6 +253,7 @@ def _draw_diameters(draw: ImageDraw.ImageDraw, lesions: list[dict], width: int, 
                 draw.line([(c, r - k), (c, r + k)], fill=colour, width=width)
         if len(lesions) > 1:
             r, c = lesion["long_diameter"]["ends_row_col"][0]
+            r, c = r * scale[0], c * scale[1]
             draw.text((c + 4, r + 4), str(lesion["lesion"]), fill=DIAMETER_COLOURS[0], font=_font(size))
 
 
@@ -246,9 +277,11 @@ def thick_boundaries(mask: np.ndarray) -> np.ndarray:
     return grown & ~shrunk
 
 
-def overlay(grey: np.ndarray, d: Decision, lesions: list[dict] | None = None, extra: str = "") -> Image.Image:
+def overlay(grey: np.ndarray, d: Decision, lesions: list[dict] | None = None, extra: str = "",
+            shape: tuple[int, int] | None = None) -> Image.Image:
     """The image in grey with the lesion outline in the class colour and 'label confidence' (+ extra) written on
-    it; with lesions (measure.measure_lesions), their diameters drawn and their sizes and shape cues listed."""
+    it; with lesions (measure.measure_lesions), their diameters drawn and their sizes and shape cues listed.
+    shape: the full size the lesions were measured at when grey is at the working resolution."""
     rgb = np.repeat(grey[..., None], 3, axis=2)
     edge = thick_boundaries(d.lesion)
     if edge.any():
@@ -261,7 +294,8 @@ def overlay(grey: np.ndarray, d: Decision, lesions: list[dict] | None = None, ex
     small = max(10, int(size * 0.72))
     lines = [(f"{d.label} {d.confidence:.2f}{extra}", OUTLINE_COLOURS.get(d.label, (255, 255, 255)), size)]
     if lesions:
-        _draw_diameters(draw, lesions, max(2, min(h, w) // 250), small)
+        scale = (1.0, 1.0) if shape is None else (h / shape[0], w / shape[1])
+        _draw_diameters(draw, lesions, max(2, min(h, w) // 250), small, scale)
         lines += [(lesion_line(x), (255, 255, 255), small) for x in lesions[:3]]
         if len(lesions) > 3:
             lines.append((f"(+{len(lesions) - 3} more lesions in the JSON)", (255, 255, 255), small))
@@ -325,16 +359,16 @@ def _network_probs(predictor, meta: dict, grey: np.ndarray, tta_: bool):
 
 def _decide_at(meta: dict, shape: tuple[int, int], probs: torch.Tensor, cls_probs, threshold_: float,
                normal_gate_: float) -> Decision:
-    """decide() on network-size probabilities resized to an image of this shape (its minimum area scaled; the
-    gate's keep level from the checkpoint)."""
-    return decide(to_original(probs, shape), threshold_, min_area_at(meta, shape), cls_probs, normal_gate_,
-                  float(meta.get("gate_keep", 1.0)))
+    """decide_full on network-size probabilities for an image of this shape (its minimum area scaled; the gate's
+    keep level from the checkpoint)."""
+    return decide_full(probs, shape, threshold_, min_area_at(meta, shape), cls_probs, normal_gate_,
+                       float(meta.get("gate_keep", 1.0)))
 
 
 def _lesion_at(meta: dict, shape: tuple[int, int], probs: torch.Tensor, cls_probs, threshold_: float,
                normal_gate_: float) -> np.ndarray:
-    """_decide_at(...).lesion alone (lesion_mask)."""
-    return lesion_mask(to_original(probs, shape), threshold_, min_area_at(meta, shape), cls_probs, normal_gate_,
+    """_decide_at(...).lesion alone (lesion_full)."""
+    return lesion_full(probs, shape, threshold_, min_area_at(meta, shape), cls_probs, normal_gate_,
                        float(meta.get("gate_keep", 1.0)))
 
 
@@ -445,12 +479,24 @@ def _fmt(v: float) -> str:
 
 @dataclass
 class Frame:
-    """One image to segment: a file, or one frame of a multi-frame DICOM."""
+    """One image to segment: a file, or one frame of a multi-frame DICOM. It is segmented, measured and drawn at
+    the working resolution of grey; sizes, points, boxes and the mask file are those of the full-size image."""
     path: Path
     index: int | None   # the frame of a multi-frame DICOM; None for a single image
-    grey: np.ndarray    # uint8 H x W, the full frame
-    geometry: Geometry  # size, ultrasound regions, pixel size (dicom_io)
-    box: tuple[int, int, int, int] | None = None  # dicom_crop: (row0, row1, col0, col1) segmented
+    grey: np.ndarray    # uint8, the whole frame at the working resolution (dataset.shrink)
+    geometry: Geometry  # full size, ultrasound regions, pixel size (dicom_io)
+    box: tuple[int, int, int, int] | None = None  # dicom_crop: (row0, row1, col0, col1) segmented, full-size pixels
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The image's full size (rows, cols)."""
+        return self.geometry.rows, self.geometry.cols
+
+    def to_work(self, values, axes: str) -> list[float]:
+        """Full-size pixel coordinates on the axes named ('r' row, 'c' column, one letter per value) in pixels of
+        grey."""
+        k = {"r": self.grey.shape[0] / self.shape[0], "c": self.grey.shape[1] / self.shape[1]}
+        return [float(v) * k[a] for v, a in zip(values, axes)]
 
 
 @dataclass
@@ -467,8 +513,8 @@ class Readout:
 def read_inputs(path: Path, cfg: dict, size_of) -> Iterator[Frame]:
     """The frames of one input file (DICOM: each frame, or cfg['frame']); size_of(path): the pixel_mm setting."""
     if not is_dicom(path):
-        grey = load_image(path)
-        yield Frame(path, None, grey, Geometry(*grey.shape, pixel_spacing=size_of(path)))
+        grey, shape = load_working_image(path)
+        yield Frame(path, None, grey, Geometry(*shape, pixel_spacing=size_of(path)))
         return
     from dicom_io import read_frames
     geometry, frames = read_frames(path, cfg["frame"], max_pixels=MAX_IMAGE_PIXELS)
@@ -477,33 +523,57 @@ def read_inputs(path: Path, cfg: dict, size_of) -> Iterator[Frame]:
     if cfg["dicom_crop"] and box is None:
         log.info("%s: no 2D ultrasound region in the header: the whole frame is segmented", path)
     for i, grey in frames:
-        yield Frame(path, i if geometry.n_frames > 1 else None, grey, geometry, box)
+        fr = Frame(path, i if geometry.n_frames > 1 else None, shrink(grey), geometry, box)
+        del grey  # only the working resolution is kept while the frame is segmented
+        yield fr
 
 
 def read_out(fr: Frame, predictor, meta: dict, thr: float, cfg: dict, cutoff: float | None) -> Readout:
     """Segment a frame (inside its crop box), put the mask back into the full frame, measure every lesion."""
     from dicom_io import crop, uncrop
     from measure import measure_lesions
-    part = crop(fr.grey, fr.box)
+    box = work_crop_box(fr)
+    part = crop(fr.grey, box)
     score, umap = float("nan"), None
     if cfg["uncertainty"]:
         d, score, umap = predict_uncertain(predictor, meta, part, thr, cfg["tta"], batch_size_=cfg["batch_size"])
     else:
         d = predict_img(predictor, meta, part, thr, cfg["tta"])
-    if fr.box is not None:
+    if box is not None:
         full = fr.grey.shape
-        d = replace(d, lesion=uncrop(d.lesion, fr.box, full), class_masks=uncrop(d.class_masks, fr.box, full))
-        umap = None if umap is None else uncrop(umap, fr.box, full)
+        d = replace(d, lesion=uncrop(d.lesion, box, full), class_masks=uncrop(d.class_masks, box, full))
+        umap = None if umap is None else uncrop(umap, box, full)
     review = None if cutoff is None or score != score else bool(score > cutoff)
     if d.gate_conflict:  # the head called it normal but the mask was kept: always a case for review
         review = True
-    ro = Readout(d, measure_lesions(d.lesion, fr.geometry.pixel_size_at), score, umap, review)
+    ro = Readout(d, measure_lesions(d.lesion, fr.geometry.pixel_size_at, fr.shape), score, umap, review)
     if cfg.get("box"):
         from box_prompt import clip_box, parse_box, shared_prompter
-        b = clip_box(parse_box(cfg["box"]), fr.grey.shape)
+        b = clip_box(parse_box(cfg["box"]), fr.shape)
         prompter = shared_prompter(str(pick_device(cfg.get("device", "auto"))))
-        ro = box_readout(fr, ro, prompter.probabilities(prompter.embed(fr.grey), b), b)
+        ro = box_readout(fr, ro, prompter.probabilities(prompter.embed(fr.grey), work_box(fr, b)), b)
     return ro
+
+
+def work_crop_box(fr: Frame) -> tuple[int, int, int, int] | None:
+    """fr.box (row0, row1, col0, col1, full-size pixels) in pixels of fr.grey, covering at least the same part."""
+    if fr.box is None:
+        return None
+    r0, r1, c0, c1 = fr.to_work(fr.box, "rrcc")
+    return math.floor(r0), math.ceil(r1), math.floor(c0), math.ceil(c1)
+
+
+def work_box(fr: Frame, box) -> tuple[float, float, float, float]:
+    """A box prompt (x0, y0, x1, y1 in full-size pixels) in pixels of fr.grey, for LiteMedSAM."""
+    from box_prompt import clip_box
+    return clip_box(fr.to_work(box, "crcr"), fr.grey.shape)
+
+
+def full_readout(fr: Frame, ro: Readout) -> Readout:
+    """ro with its masks drawn back at the frame's full size (dataset.to_full): the mask file, DICOM SEG."""
+    d = ro.decision
+    return replace(ro, decision=replace(d, lesion=to_full(d.lesion, fr.shape),
+                                        class_masks=to_full(d.class_masks, fr.shape)))
 
 
 def mask_source(ro: Readout) -> str:
@@ -512,8 +582,8 @@ def mask_source(ro: Readout) -> str:
 
 
 def box_readout(fr: Frame, ro: Readout, probs: np.ndarray, box: tuple) -> Readout:
-    """ro with the lesion mask replaced by a box-prompted one (probs: LiteMedSAM's probability H x W for the
-    box, box_prompt.py), measured anew. The label, confidence and malignancy stay the network's for the whole
+    """ro with the lesion mask replaced by a box-prompted one (probs: LiteMedSAM's probability for the box at the
+    size of fr.grey, box_prompt.py; box: full-size pixels), measured anew. The label, confidence and malignancy stay the network's for the whole
     image; the uncertainty (of the network's mask) is dropped; mean_lesion_prob becomes LiteMedSAM's."""
     from box_prompt import PROB_THRESHOLD
     from measure import measure_lesions
@@ -525,14 +595,15 @@ def box_readout(fr: Frame, ro: Readout, probs: np.ndarray, box: tuple) -> Readou
         class_masks[LESION_CLASSES.index(d.label)] = lesion
     d = replace(d, lesion=lesion, class_masks=class_masks,
                 mean_lesion_prob=float(probs[lesion].mean()) if lesion.any() else 0.0)
-    return Readout(d, measure_lesions(lesion, fr.geometry.pixel_size_at), box=tuple(round(float(v), 1) for v in box))
+    return Readout(d, measure_lesions(lesion, fr.geometry.pixel_size_at, fr.shape),
+                   box=tuple(round(float(v), 1) for v in box))
 
 
 def _image_pixel_size(fr: Frame, lesions: list[dict]) -> dict | None:
     """The pixel size reported for the image: the largest lesion's, else the one at the image's centre."""
     if lesions:
         return lesions[0]["pixel_size"]
-    size = fr.geometry.pixel_size_at(fr.grey.shape[0] / 2, fr.grey.shape[1] / 2)
+    size = fr.geometry.pixel_size_at(fr.shape[0] / 2, fr.shape[1] / 2)
     return size.to_json() if size else None
 
 
@@ -543,14 +614,14 @@ def _cell(v) -> str:
 def csv_row(fr: Frame, ro: Readout, names: dict[str, str]) -> dict:
     """The predictions.csv row of one frame."""
     from measure import NOTE
-    d, area = ro.decision, int(ro.decision.lesion.sum())
+    d, area = ro.decision, full_area(ro.decision.lesion, fr.shape)
     size = _image_pixel_size(fr, ro.lesions)
     largest = ro.lesions[0] if ro.lesions else None
     return {"file": str(fr.path), "frame": _cell(fr.index), "label": d.label, "confidence": f"{d.confidence:.4f}",
             "malignancy_probability": _fmt(d.malignancy), "normal_probability": _fmt(d.p_normal),
-            "lesion_area_px": area, "lesion_area_fraction": f"{area / d.lesion.size:.6f}",
-            "mean_lesion_probability": f"{d.mean_lesion_prob:.4f}", "width": fr.grey.shape[1],
-            "height": fr.grey.shape[0], "n_lesions": len(ro.lesions),
+            "lesion_area_px": area, "lesion_area_fraction": f"{area / (fr.shape[0] * fr.shape[1]):.6f}",
+            "mean_lesion_probability": f"{d.mean_lesion_prob:.4f}", "width": fr.shape[1],
+            "height": fr.shape[0], "n_lesions": len(ro.lesions),
             **{c: _cell(largest[g][k] if largest else None) for c, (g, k) in LESION_COLUMNS.items()},
             "pixel_mm_row": _cell(size and size["row_mm"]), "pixel_mm_col": _cell(size and size["col_mm"]),
             "pixel_size_source": size["source"] if size else "unknown", "uncertainty": _fmt(ro.uncertainty),
@@ -572,17 +643,22 @@ def lesion_report(fr: Frame, ro: Readout, cutoff: float | None, names: dict[str,
             "lesions": ro.lesions}
 
 
+def mask_picture(fr: Frame, ro: Readout) -> np.ndarray:
+    """The lesion mask at the image's full size as uint8 0 / 255 (the mask PNG)."""
+    return to_full(ro.decision.lesion.astype(np.uint8) * 255, fr.shape)  # one full-size array, not three
+
+
 def write_readout(fr: Frame, ro: Readout, out: Path, stem: str, cutoff: float | None,
                   written: dict[str, str] | None = None) -> dict:
     """Mask, overlay, uncertainty picture and JSON of one frame into out; returns its CSV row. written: the names
     of files already written for it (dicom_seg, dicom_sr), listed in the JSON and the CSV."""
     names = {"mask": f"{stem}_mask.png", "overlay": f"{stem}_overlay.png", "lesions_json": f"{stem}_lesions.json",
              **(written or {})}
-    Image.fromarray(ro.decision.lesion.astype(np.uint8) * 255).save(out / names["mask"])
+    Image.fromarray(mask_picture(fr, ro)).save(out / names["mask"])
     extra = "  mask: box prompt" if ro.box is not None else ""
     if ro.uncertainty == ro.uncertainty:
         extra = f"  uncertainty {ro.uncertainty:.2f}" + {True: " REVIEW", False: "", None: ""}[ro.review]
-    overlay(fr.grey, ro.decision, ro.lesions, extra).save(out / names["overlay"])
+    overlay(fr.grey, ro.decision, ro.lesions, extra, fr.shape).save(out / names["overlay"])
     if ro.umap is not None:
         uncertainty_image(fr.grey, ro.umap).save(out / f"{stem}_uncertainty.png")
     save_json_atomic(out / names["lesions_json"], lesion_report(fr, ro, cutoff, names))
@@ -635,7 +711,8 @@ def predict_file(job: _Job, path: Path, writer: csv.DictWriter, used: set[str]) 
             written = {}
             if header is not None:
                 from dicom_out import write_dicom_out
-                written = write_dicom_out(fr, ro, header, job.model, job.out, stem, mask_source(ro), job.numbering)
+                written = write_dicom_out(fr, full_readout(fr, ro), header, job.model, job.out, stem, mask_source(ro),
+                                          job.numbering)
             writer.writerow(write_readout(fr, ro, job.out, stem, job.cutoff, written))
             log.info("%s%s: %s (%.2f), %d lesion(s)%s", path, "" if fr.index is None else f" frame {fr.index}",
                      ro.decision.label, ro.decision.confidence, len(ro.lesions),

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import glob
 import io
 import logging
 import math
@@ -61,6 +62,7 @@ out_dir = "runs/resnet18"     # checkpoints, split, log of this run
 loss_graph_dir = "loss_graph" # the loss curve PNG of the run goes here
 split_file = ""               # split JSON; empty: out_dir/split.json (made once, then reused)
 val_fraction = 0.2            # validation share per class (the original used 516/128 images)
+val_always = ""               # a new split puts these images (a glob of files, e.g. samples/*.png; matched by file name) in validation
 folds = 0                     # K for K-fold cross-validation (0: one train/validation split)
 fold = 0                      # with folds: which fold is the validation set
 seed = 42                     # seeds the split, the weights, the augmentation
@@ -169,7 +171,7 @@ def prepare_data(cfg: dict, out: Path, is_main: bool = True):
         report = {**report, "near_duplicates_conflicting": near.pop("conflicting_labels"), "near_duplicates": near}
     # rank 0 reads (or makes and writes) the split file; under torchrun the other ranks receive its split
     split = _on_rank0(dataset.load_or_make_split, split_path, loaded.samples, cfg["val_fraction"], cfg["seed"],
-                      cfg["folds"], report, groups)
+                      cfg["folds"], report, groups, val_always_names(cfg["val_always"]))
     if "folds" not in split and cfg["fold"] != 0:
         raise DataError(f"fold={cfg['fold']} was asked but {split_path} holds one train/validation split, not "
                         f"folds; pass --folds K (with a new split_file or out_dir)")
@@ -186,6 +188,16 @@ def prepare_data(cfg: dict, out: Path, is_main: bool = True):
              ", ".join(f"{c} {sum(s.label == c for s in train.samples)}/{sum(s.label == c for s in val.samples)}"
                        for c in dataset.CLASS_NAMES))
     return train, val, split_path, split
+
+
+def val_always_names(pattern: str) -> frozenset[str]:
+    """The file names of the val_always glob; a glob that matches nothing is an error (a typo would be silent)."""
+    if not pattern:
+        return frozenset()
+    names = frozenset(Path(p).name for p in glob.glob(pattern))
+    if not names:
+        raise DataError(f"val_always: no file matches {pattern!r}")
+    return names
 
 
 def _new_or_grouped_split(path: Path) -> bool:

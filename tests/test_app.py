@@ -23,9 +23,11 @@ CHECKPOINT = ROOT / "checkpoints" / "busi_unet_resnet18.safetensors"
 
 
 def call(url: str, path: str, body: bytes | None = None, headers: dict | None = None) -> tuple[int, dict]:
-    """(status, JSON) of a GET (body None) or POST; error statuses are returned, not raised."""
+    """(status, JSON) of a GET (body None) or POST (with the page's content type); error statuses are returned,
+    not raised."""
+    sent = {} if body is None else {"Content-Type": "application/octet-stream"}
     req = urllib.request.Request(url + path.lstrip("/"), data=body, method="GET" if body is None else "POST",
-                                 headers=headers or {})
+                                 headers={**sent, **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, json.loads(r.read())
@@ -46,7 +48,7 @@ def decode(data_url: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def served():
-    cfg = app.default_settings(port=0, checkpoint=str(CHECKPOINT), max_upload_mb=2.0, keep_megapixels=2.0)
+    cfg = app.default_settings(port=0, checkpoint=str(CHECKPOINT), max_upload_mb=2.0, keep_mb=16.0)
     with app.running(cfg) as (url, server):
         yield url, server
 
@@ -219,9 +221,9 @@ def test_an_internal_failure_is_answered_and_the_server_keeps_serving(served, mo
     assert call(url, "api/predict?name=x.png", SAMPLE.read_bytes())[0] == 200
 
 
-def test_old_images_are_dropped_beyond_keep_megapixels(served, monkeypatch):
+def test_old_images_are_dropped_beyond_keep_mb(served, monkeypatch):
     url, server = served
-    monkeypatch.setitem(server.state.cfg, "keep_megapixels", 0.5)  # two 425 x 475 scans
+    monkeypatch.setitem(server.state.cfg, "keep_mb", 0.5)  # two 425 x 475 scans
     small = png_bytes(np.asarray(Image.open(SAMPLE).convert("L")))
     keys = [call(url, f"api/predict?name={i}.png", small)[1]["id"] for i in range(3)]
     kept = server.state.images

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -224,3 +225,20 @@ def test_folder_errors(tmp_path):
     (tmp_path / "benign").mkdir()
     with pytest.raises(DataError, match="missing class folder"):
         dataset.discover_busi(tmp_path)
+
+
+def test_val_always_moves_named_images_and_their_group_to_validation(tmp_path):
+    samples = [dataset.Sample(tmp_path / f"{c}{i}.png", (), c, f"{c}/{c} ({i}).png") for c in dataset.CLASS_NAMES
+               for i in range(20)]
+    plain = dataset.make_split(samples, 0.2, seed=1)
+    named = sorted(k for k in plain["train"] if k.startswith("benign"))[:2]
+    buddy = sorted(k for k in plain["train"] if k.startswith("malignant"))[0]
+    groups = {named[0]: "g", buddy: "g"}  # a near-duplicate group spanning the named image and another
+    split = dataset.load_or_make_split(tmp_path / "s.json", samples, 0.2, seed=1, groups=groups,
+                                       val_always=frozenset(Path(k).name for k in named))
+    assert set(named + [buddy]) <= set(split["val"]) and set(split["train"]).isdisjoint(named + [buddy])
+    assert sorted(split["train"] + split["val"]) == sorted(s.key for s in samples)
+    assert split["val_always"] == sorted(Path(k).name for k in named)
+    with pytest.raises(DataError, match="val_always: no file matches"):
+        import train
+        train.val_always_names(str(tmp_path / "nothing*.png"))

@@ -18,8 +18,12 @@ function el(tag, attrs = {}, ...children) {
 const num = (v, digits = 2) => (v === null || v === undefined ? "n/a" : Number(v).toFixed(digits));
 const enqueue = (task) => (state.queue = state.queue.then(task, task));
 
-async function api(path, body) {
+async function api(path, body, tries = 5) {
   const r = await fetch(path, { method: "POST", body: body || "", headers: { "Content-Type": "application/octet-stream" } });
+  if (r.status === 503 && tries > 1 && r.headers.get("Retry-After")) {  // the server is busy: wait as it asks, then again
+    await new Promise((done) => setTimeout(done, 1000 * Number(r.headers.get("Retry-After"))));
+    return api(path, body, tries - 1);
+  }
   let data = null;
   try { data = await r.json(); } catch (e) { data = { error: `server answered ${r.status} without a result` }; }
   if (!r.ok || data.error) throw new Error(data.error || `server answered ${r.status}`);
@@ -177,7 +181,7 @@ function attachBoxDrawing(card, scan) {
     const p = local(e), s = start;
     start = null;
     if (Math.abs(p.x - s.x) < 5 || Math.abs(p.y - s.y) < 5) { rect.remove(); return; }
-    const k = img.naturalWidth / img.getBoundingClientRect().width;
+    const k = card.result.width / img.getBoundingClientRect().width;  // full-size pixels (the picture may be smaller)
     card.box = [Math.min(s.x, p.x), Math.min(s.y, p.y), Math.max(s.x, p.x), Math.max(s.y, p.y)].map((v) => Math.round(v * k));
     enqueue(() => refresh(card));
   });
