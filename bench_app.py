@@ -180,22 +180,24 @@ def kept(server: Server, n: int, boxes: int, warm_mb: float, keep_mb: float) -> 
             "keep_mb_in_mib": round(keep_mb * 1e6 / 2**20)}
 
 
+def drip(sock: socket.socket, stop: threading.Event, every: float, n: int) -> None:
+    """Send a request's header one byte every `every` seconds (n filler bytes: never a whole request) until stop."""
+    for ch in b"GET /api/config HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"y" * n:
+        if stop.wait(every):
+            return
+        try:
+            sock.send(bytes([ch]))
+        except OSError:
+            return
+
+
 def idle(server: Server, n_idle: int = 20, n_slow: int = 5) -> dict:
     """Connections that send nothing or a byte a second: seconds until each is closed; uploads served meanwhile."""
     t0 = time.monotonic()
     socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(n_idle + n_slow)]
     stop = threading.Event()
-
-    def drip(sock: socket.socket) -> None:
-        for ch in b"GET /api/config HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"y" * 200:
-            if stop.wait(1.0):
-                return
-            try:
-                sock.send(bytes([ch]))
-            except OSError:
-                return
     for sock in socks[n_idle:]:
-        threading.Thread(target=drip, args=(sock,), daemon=True).start()
+        threading.Thread(target=drip, args=(sock, stop, 1.0, 200), daemon=True).start()
     closed: list[float] = []
 
     def wait_closed(sock: socket.socket) -> None:

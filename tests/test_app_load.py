@@ -22,6 +22,7 @@ from PIL import Image
 from test_app import SAMPLE, call, decode
 
 import app
+from bench_app import drip
 import dataset
 
 CHECKPOINT = ROOT / "checkpoints" / "busi_unet_resnet18.safetensors"
@@ -130,16 +131,7 @@ def test_idle_and_trickling_connections_are_closed_while_others_are_served(serve
                  b"Content-Type: application/octet-stream\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
     trickle = socket.create_connection((u.hostname, u.port))
     stop = threading.Event()
-
-    def drip() -> None:  # a header byte every 0.2 s: never a whole request
-        for ch in b"GET /api/config HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"y" * 100:
-            if stop.wait(0.2):
-                return
-            try:
-                trickle.send(bytes([ch]))
-            except OSError:
-                return
-    threading.Thread(target=drip, daemon=True).start()
+    threading.Thread(target=drip, args=(trickle, stop, 0.2, 100), daemon=True).start()  # never a whole request
     status, cfg = call(url, "api/config")  # served meanwhile
     assert status == 200 and time.monotonic() - t0 < 1.0
     try:
