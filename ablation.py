@@ -127,15 +127,17 @@ def run(cfg: dict) -> list[dict]:
         raise DataError(f"no recipe configs/ablation/{missing[0]}.py (arms: {', '.join(missing)})")
     # the table shows every arm with a finished fold, also those another ablation.py process runs
     listed = names + sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in names)
+    for name in listed:  # a fresh checkout: committed records count as done and stay in the table
+        restore_records(cfg, name, folds)
     for name in names:
         log.info("arm %s", name)
-        restore_records(cfg, name, folds)
-        loso.run(settings_with(loso.__file__, recipe=f"configs/ablation/{name}.py", holdout=cfg["holdout"],
-                               out_dir=str(Path(cfg["out_dir"]) / name), split_dir=cfg["split_dir"],
-                               stages=cfg["stages"]))
-        rows = arm_rows(Path(cfg["out_dir"]), listed, folds)
-        if rows:
-            write_table(cfg, rows, folds)
+        for fold in folds:  # one fold at a time, so each finished fold's record is copied as it lands
+            loso.run(settings_with(loso.__file__, recipe=f"configs/ablation/{name}.py", holdout=fold,
+                                   out_dir=str(Path(cfg["out_dir"]) / name), split_dir=cfg["split_dir"],
+                                   stages=cfg["stages"]))
+            rows = arm_rows(Path(cfg["out_dir"]), listed, folds)
+            if rows:
+                write_table(cfg, rows, folds)
     rows = arm_rows(Path(cfg["out_dir"]), listed, folds)
     if rows:
         print(write_table(cfg, rows, folds))

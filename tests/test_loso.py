@@ -133,3 +133,18 @@ def test_ablation_copies_the_table_and_every_fold_record(loso_run, tmp_path):
     fresh = tmp_path / "fresh"  # a new checkout: the committed record makes the fold count as done
     ablation.restore_records({**cfg, "out_dir": str(fresh)}, "base", ["alpha", "beta"])
     assert (fresh / "base" / "alpha" / "fold.json").is_file() and not (fresh / "base" / "beta").exists()
+
+
+def test_ablation_in_a_fresh_checkout_keeps_every_committed_arm_in_the_table(loso_run, tmp_path):
+    """Running one arm must not drop the arms whose records were committed by earlier sessions."""
+    import ablation
+    root, _, _ = loso_run
+    ck = tmp_path / "ck"
+    for arm in ("base", "head01"):
+        (ck / "ablation" / arm).mkdir(parents=True)
+        (ck / "ablation" / arm / "bus-uclm.json").write_text((root / "out" / "alpha" / "fold.json").read_text())
+    cfg = settings_with(ROOT / "ablation.py", out_dir=str(tmp_path / "fresh"), copy_table=str(ck / "ablation.md"),
+                        arms="head01", holdout="bus-uclm", split_dir=str(tmp_path / "splits"))
+    ablation.run(cfg)  # head01's only fold is committed: restored and skipped, nothing trains
+    table = (ck / "ablation.md").read_text()
+    assert "| `base` |" in table and "| `head01` |" in table
