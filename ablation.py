@@ -47,10 +47,12 @@ def arm_rows(out: Path, names: list[str], folds: list[str]) -> list[dict]:
                "minutes": round(sum(r["train_minutes"] + r["eval_minutes"] for r in found.values()), 1),
                "complete": len(found) == len(folds)}
         rows.append(_with_means(row))
-        if all(r.get("no_gate") for r in found.values()):  # the same model with its normal gate switched off
+        if any(r.get("no_gate") for r in found.values()):  # the same model with its normal gate switched off
+            # a fold whose tuning chose no gate (normal_gate 1.0) is its own gate-off figure
+            off = {f: {**(r.get("no_gate") or row["folds"][f]), "gate_cleared_lesion": 0, "n_lesion": r["n_lesion"]}
+                   for f, r in found.items()}
             rows.append(_with_means({**row, "arm": f"{name}, gate off", "what": "the same model without its normal gate",
-                                     "folds": {f: {**r["no_gate"], "gate_cleared_lesion": 0, "n_lesion": r["n_lesion"]}
-                                               for f, r in found.items()}, "minutes": 0.0}))
+                                     "folds": off, "minutes": 0.0}))
     return rows
 
 
@@ -72,17 +74,19 @@ def _pct(v) -> str:
 def format_table(rows: list[dict], folds: list[str]) -> str:
     base = next((r for r in rows if r["arm"] == "base" and r["complete"]), None)
     head = ["arm", "what it changes", *[f"Dice, {f} left out" for f in folds], "mean Dice", "vs base",
-            *[f"misses, {f}" for f in folds], "normal scans given a lesion (bus-uclm)", "mean AUC", "minutes"]
+            *[f"misses, {f}" for f in folds], "normal scans given a lesion (bus-uclm)",
+            "lesion images the gate cleared", "mean AUC", "minutes"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(rows, key=lambda r: (not r["complete"], -r["mean_lesion_dice"])):
         fr = r["folds"]
         delta = (f"{r['mean_lesion_dice'] - base['mean_lesion_dice']:+.3f}" if base and r["complete"]
                  and r is not base else "")
         fp = fr.get("bus-uclm", {}).get("normal_fp_share")
+        cleared = ", ".join(f"{fr[f]['gate_cleared_lesion']}/{fr[f]['n_lesion']}" for f in folds if f in fr)
         lines.append("| " + " | ".join([
             f"`{r['arm']}`", r["what"], *[_f(fr.get(f, {}).get("lesion_dice")) for f in folds],
             _f(r["mean_lesion_dice"]) + ("" if r["complete"] else " (partial)"), delta,
-            *[_pct(fr.get(f, {}).get("miss_rate")) for f in folds], _pct(fp), _f(r["mean_auc"]),
+            *[_pct(fr.get(f, {}).get("miss_rate")) for f in folds], _pct(fp), cleared, _f(r["mean_auc"]),
             f"{r['minutes']:.0f}"]) + " |")
     return "\n".join(lines)
 

@@ -148,3 +148,28 @@ def test_ablation_in_a_fresh_checkout_keeps_every_committed_arm_in_the_table(los
     ablation.run(cfg)  # head01's only fold is committed: restored and skipped, nothing trains
     table = (ck / "ablation.md").read_text()
     assert "| `base` |" in table and "| `head01` |" in table
+
+
+def _record(dice: float, no_gate: dict | None, cleared: int = 0) -> dict:
+    return {"lesion_dice": dice, "lesion_iou": dice - 0.1, "miss_rate": 0.1, "normal_fp_share": 0.5, "auc": 0.7,
+            "gate_cleared_lesion": cleared, "n_lesion": 100, "train_minutes": 1.0, "eval_minutes": 1.0,
+            "no_gate": no_gate}
+
+
+def test_ablation_gate_off_row_uses_each_folds_own_figures_where_no_gate_was_chosen(tmp_path):
+    """gate off vs gate under the recall floor: a fold whose tuning chose no gate is its own gate-off figure."""
+    import ablation
+    out = tmp_path / "abl"
+    ungated = {"lesion_dice": 0.7, "lesion_iou": 0.6, "miss_rate": 0.05, "normal_fp_share": 0.8, "auc": 0.7}
+    for arm, recs in (("head01", {"alpha": _record(0.6, ungated, cleared=9), "beta": _record(0.5, None)}),
+                      ("base", {"alpha": _record(0.55, None), "beta": _record(0.5, None)})):
+        for fold, rec in recs.items():
+            (out / arm / fold).mkdir(parents=True)
+            (out / arm / fold / "fold.json").write_text(json.dumps(rec))
+    rows = {r["arm"]: r for r in ablation.arm_rows(out, ["base", "head01"], ["alpha", "beta"])}
+    assert set(rows) == {"base", "head01", "head01, gate off"}  # base has no gate: no gate-off row
+    off = rows["head01, gate off"]
+    assert off["folds"]["alpha"]["lesion_dice"] == 0.7 and off["folds"]["beta"]["lesion_dice"] == 0.5
+    assert abs(off["mean_lesion_dice"] - 0.6) < 1e-9 and abs(rows["head01"]["mean_lesion_dice"] - 0.55) < 1e-9
+    table = ablation.format_table(list(rows.values()), ["alpha", "beta"])
+    assert "| 9/100, 0/100 |" in table and "| 0/100, 0/100 |" in table
