@@ -21,7 +21,7 @@ from pathlib import Path
 log = logging.getLogger("ablation")
 
 # ---- settings (edit here, or override on the command line: --arms base,head01)
-arms = "base,head01,head03,smp_dice,aug_none,balance,size160,one_channel,mobilenetv2,resnet18_scratch,lite2,aug_recipe,bce_only,seed2,size192,size256,combo160,lite2_160,size160_seed7,size160_head01,aug_recipe_seed7,size160_aug_recipe"  # recipes in configs/ablation/, run in this order
+arms = "base,head01,head03,smp_dice,aug_none,balance,size160,one_channel,mobilenetv2,resnet18_scratch,lite2,aug_recipe,bce_only,seed2,size192,size256,combo160,lite2_160,size160_seed7,size160_head01,aug_recipe_seed7,size160_aug_recipe,size160_aug_head01"  # recipes in configs/ablation/, run in this order
 holdout = "bus-uclm,bus-bra"        # the LOSO folds of every arm
 out_dir = "runs/ablation"           # <out_dir>/<arm>/<fold>/, the table ablation.md / ablation.json
 split_dir = "runs/loso/splits"      # the folds' splits, shared with loso.py
