@@ -17,7 +17,9 @@ recipe's `sources` names every source; fold <name> trains on the others. Per fol
           into eval_heldout/ (and, when a normal gate was chosen, once more without it: eval_heldout_nogate/);
           and on the validation images of the training sources, into eval_val/.
 fold.json records the fold's figures; a fold with fold.json is skipped (delete it to redo the fold's tune and
-eval). After each fold the table of every finished fold is written: <out_dir>/loso.md and loso.json.
+eval). After each fold the table of every finished fold is written: <out_dir>/loso.md and loso.json. With
+--ship_dir (checkpoints/loso) each fold's model, split and record and the table go there too, and a fresh checkout
+restores the shipped records first, so finished folds are skipped and stay in the table.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ recall_floor = 0.02               # tuning may leave empty at most this share of
 bootstrap = 1000                  # patient-bootstrap resamples for the held-out intervals
 subgroups = "device,doppler,marks"  # held-out subgroup columns, each used where the source's manifest has it
 train_args = ""                   # extra train.py flags for every fold, e.g. "--max_steps 2" (tests)
-ship_dir = ""                     # also copy each fold's model and split here (e.g. checkpoints/loso)
+ship_dir = ""                     # also copy each fold's model, split, record and the table here (e.g. checkpoints/loso)
 # ---- end of settings
 
 REPO = Path(__file__).resolve().parent
@@ -225,6 +227,19 @@ def finished_folds(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(out.glob("*/fold.json"))]
 
 
+def restore_shipped_folds(out: Path, ship_dir: Path) -> None:
+    """Fold records shipped earlier (without_<source>.json in ship_dir) back into out/<source>/fold.json where
+    missing: in a fresh checkout (runs/ is not committed) those folds are skipped and stay in the table."""
+    for rec in sorted(ship_dir.glob("without_*.json")):
+        if rec.name.endswith("_split.json"):
+            continue
+        fold_json = out / rec.stem[len("without_"):] / "fold.json"
+        if not fold_json.exists():
+            fold_json.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(rec, fold_json)
+            log.info("fold %s: restored from %s", fold_json.parent.name, rec)
+
+
 def run(cfg: dict) -> list[dict]:
     """Every asked fold, in turn: train, tune, eval (each skipped when done); then the table."""
     from cli import parse_settings
@@ -232,6 +247,10 @@ def run(cfg: dict) -> list[dict]:
     recipe_sources = parse_settings(train.__file__, [cfg["recipe"]])["sources"]
     out = Path(cfg["out_dir"] or f"runs/loso/{Path(cfg['recipe']).stem}")
     stages = {s.strip() for s in cfg["stages"].split(",") if s.strip()}
+    ship_to = Path(cfg["ship_dir"]) if cfg["ship_dir"] else None
+    if ship_to:
+        ship_to.mkdir(parents=True, exist_ok=True)
+        restore_shipped_folds(out, ship_to)
     for left_out in fold_names(recipe_sources, cfg["holdout"]):
         fold_dir = out / left_out
         if (fold_dir / "fold.json").exists():
@@ -254,18 +273,18 @@ def run(cfg: dict) -> list[dict]:
         ev = stage_eval(cfg, left_out, fold_dir, recipe_sources)
         record = fold_record(left_out, tcfg, chosen, minutes, ev)
         (fold_dir / "fold.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
-        if cfg["ship_dir"]:
-            ship_to = Path(cfg["ship_dir"])
-            ship_to.mkdir(parents=True, exist_ok=True)
+        if ship_to:
             shutil.copyfile(fold_dir / "model.safetensors", ship_to / f"without_{left_out}.safetensors")
             shutil.copyfile(fold_dir / "split.json", ship_to / f"without_{left_out}_split.json")
             shutil.copyfile(fold_dir / "fold.json", ship_to / f"without_{left_out}.json")
-        write_table(out, finished_folds(out))
+        for table_dir in [out, ship_to] if ship_to else [out]:
+            write_table(table_dir, finished_folds(out))
         log.info("fold %s: lesion Dice %.3f on all of %s; table %s", left_out, record["lesion_dice"], left_out,
                  out / "loso.md")
     folds = finished_folds(out)
     if folds:
-        write_table(out, folds)
+        for table_dir in [out, ship_to] if ship_to else [out]:
+            write_table(table_dir, folds)
         print(format_table(folds))
     return folds
 

@@ -173,3 +173,23 @@ def test_ablation_gate_off_row_uses_each_folds_own_figures_where_no_gate_was_cho
     assert abs(off["mean_lesion_dice"] - 0.6) < 1e-9 and abs(rows["head01"]["mean_lesion_dice"] - 0.55) < 1e-9
     table = ablation.format_table(list(rows.values()), ["alpha", "beta"])
     assert "| 9/100, 0/100 |" in table and "| 0/100, 0/100 |" in table
+
+
+def test_shipped_folds_are_restored_in_a_fresh_checkout_and_stay_in_the_table(loso_run, tmp_path, monkeypatch):
+    import shutil
+    import train
+    root, cfg, folds = loso_run
+    ship = tmp_path / "ship"
+    loso.run({**cfg, "ship_dir": str(ship)})  # every fold is done: only the table goes to ship_dir
+    assert not list(ship.glob("without_*.json"))
+    for f in folds:  # what --ship_dir leaves after each fold
+        shutil.copyfile(root / "out" / f["held_out"] / "fold.json", ship / f"without_{f['held_out']}.json")
+        shutil.copyfile(root / "out" / f["held_out"] / "split.json", ship / f"without_{f['held_out']}_split.json")
+
+    def no_training(*a, **k):
+        raise AssertionError("a shipped fold was trained again")
+    monkeypatch.setattr(train, "train_model", no_training)
+    fresh = {**cfg, "ship_dir": str(ship), "out_dir": str(tmp_path / "fresh_runs")}
+    assert [f["held_out"] for f in loso.run(fresh)] == ["alpha", "beta", "gamma"]
+    for table in (tmp_path / "fresh_runs" / "loso.md", ship / "loso.md"):
+        assert all(table.read_text().count(f"| **{n}** |") == 1 for n in ("alpha", "beta", "gamma"))
