@@ -1,7 +1,7 @@
 """A local web page: drop in breast ultrasound scans, read the result, box the lesion where the model misses it.
 
     python app.py                          # serves http://127.0.0.1:8765/ (make app does the same)
-    python app.py --checkpoint checkpoints/busi_unet_efficientnet_lite0.safetensors --port 9000
+    python app.py --checkpoint checkpoints/busi_unet_resnet18.safetensors --port 9000
     python app.py --host 0.0.0.0           # reachable from other machines: there is NO authentication
     python app.py --benchmark 10           # time from upload to result of a 500x500 scan, then exit
 
@@ -83,7 +83,7 @@ log = logging.getLogger("app")
 # ---- settings (edit here, or override on the command line: --port 9000)
 host = "127.0.0.1"          # address to serve on; another (0.0.0.0, a LAN address) lets other machines in: no authentication
 port = 8765                 # port to serve on (0: any free port; the address is printed)
-checkpoint = "checkpoints/busi_unet_efficientnet_lite0.safetensors"  # the model the page starts with
+checkpoint = "checkpoints/all_unet_efficientnet_lite0.safetensors"  # the model the page starts with
 checkpoint_dir = "checkpoints"   # the page offers every .safetensors file in this folder
 max_upload_mb = 64.0        # largest file accepted, in MB (larger uploads are refused before they are read)
 max_pixels = 50_000_000     # largest image accepted, width x height (checked from the header; at most dataset.MAX_IMAGE_PIXELS)

@@ -106,7 +106,7 @@ from predict import decide, decide_full, scale_min_area, split_output, to_origin
 log = logging.getLogger("evaluate")
 
 # ---- settings (edit here, or override on the command line: --split all)
-checkpoint = "checkpoints/busi_unet_efficientnet_lite0.safetensors"  # the model to evaluate
+checkpoint = "checkpoints/all_unet_efficientnet_lite0.safetensors"  # the model to evaluate
 data_dir = ""                # BUSI-layout folder; empty: the data stored in the checkpoint's training settings
 path_to_images = ""          # or: a folder of images ...
 path_to_masks = ""           # ... and a folder of masks matched by file name

@@ -57,7 +57,7 @@ log = logging.getLogger("predict")
 
 # ---- settings (edit here, or override on the command line: --threshold 0.4)
 path_to_image = "samples"                                   # image file, folder or glob; several joined by ";" (default: six BUSI validation scans)
-checkpoint = "checkpoints/busi_unet_efficientnet_lite0.safetensors"   # trained model (.safetensors) to use
+checkpoint = "checkpoints/all_unet_efficientnet_lite0.safetensors"   # trained model (.safetensors) to use
 out_dir = "sample_predictions"                              # where masks, overlays and predictions.csv go
 threshold = -1.0                                            # lesion probability threshold; < 0 uses the checkpoint's
 tta = False                                                 # also predict the mirrored image and average

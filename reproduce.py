@@ -45,6 +45,19 @@ class Model:
 
 
 MODELS = {
+    "all_unet_efficientnet_lite0": Model(
+        "checkpoints/all_unet_efficientnet_lite0.safetensors", ("configs/all_sources.py",),
+        "EfficientNet-Lite0 UNet with a classification head, trained on BUSI, BUS-UCLM and BUS-BRA (the LOSO "
+        "recipe); the default of predict.py, evaluate.py and app.py.", uncertainty=True,
+        evals={"eval_all_busi": ("BUSI validation patients (in-domain)",
+                                 {"sources": f"busi={BUSI}", "split": "val", "uncertainty": True}),
+               "eval_all_bus-uclm": ("BUS-UCLM validation patients (in-domain)",
+                                     {"sources": f"bus-uclm={UCLM}", "split": "val", "subgroups": "doppler,marks",
+                                      "uncertainty": True}),
+               "eval_all_bus-bra": ("BUS-BRA validation patients (in-domain)",
+                                    {"sources": f"bus-bra={BRA}", "split": "val", "subgroups": "device",
+                                     "uncertainty": True})},
+        loso_table="checkpoints/loso/loso.md"),
     "busi_unet_efficientnet_lite0": Model(
         "checkpoints/busi_unet_efficientnet_lite0.safetensors", ("configs/busi_effl0.py",),
         "EfficientNet-Lite0 UNet with a classification head, trained on BUSI only; the default of predict.py, "

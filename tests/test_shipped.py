@@ -12,12 +12,19 @@ import torch
 from conftest import BUSI, ROOT
 
 UCLM = ROOT.parent / "shared" / "data" / "BUS-UCLM"
+BRA = ROOT.parent / "shared" / "data" / "BUS-BRA"
 CK = ROOT / "checkpoints"
 
 # file in checkpoints/ -> what it is, and the folders of evaluate.py's summaries committed beside it (the README
 # quotes them): "busi" on its BUSI validation images, "uclm" on BUS-UCLM (all images for BUSI-only models, the
-# validation patients for the multi-source one), each with the evaluate.py arguments that made it.
+# validation patients for the multi-source ones), "bra" on BUS-BRA's validation patients where trained on it; each with the evaluate.py arguments that made it.
 SHIPPED = {
+    "all_unet_efficientnet_lite0.safetensors": {
+        "encoder": "efficientnet-lite0", "image_size": 160, "head": True,
+        "split": "checkpoints/all_sources_split.json",
+        "busi": ("eval_all_busi", ["--sources", f"busi={BUSI}", "--split", "val"]),
+        "uclm": ("eval_all_bus-uclm", ["--sources", f"bus-uclm={UCLM / 'manifest.csv'}", "--split", "val"]),
+        "bra": ("eval_all_bus-bra", ["--sources", f"bus-bra={BRA / 'manifest.csv'}", "--split", "val"])},
     "busi_unet_efficientnet_lite0.safetensors": {
         "encoder": "efficientnet-lite0", "image_size": 192, "head": True,
         "split": "checkpoints/busi_split_grouped.json",
@@ -33,7 +40,7 @@ SHIPPED = {
         "busi": ("eval", ["--data_dir", str(BUSI), "--split", "val"]),
         "uclm": ("eval_resnet18_bus-uclm", ["--manifest", str(UCLM / "manifest.csv"), "--split", "all"])},
 }
-DEFAULT = CK / "busi_unet_efficientnet_lite0.safetensors"
+DEFAULT = CK / "all_unet_efficientnet_lite0.safetensors"
 
 
 def summary_of(name: str, part: str) -> dict:
@@ -66,7 +73,7 @@ def test_every_shipped_file_is_listed_here():
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_readme_reports_the_shipped_figures(name):
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    for part in ("busi", "uclm"):
+    for part in [p for p in ("busi", "uclm", "bra") if p in SHIPPED[name]]:
         summary = summary_of(name, part)
         assert summary["checkpoint"].endswith(name)
         assert f"{summary['figures']['lesion_dice']:.3f}" in readme, (name, part)
@@ -97,13 +104,12 @@ def _evaluate(name: str, part: str, tmp_path, monkeypatch) -> dict:
     return evaluate.run(cfg)
 
 
-REAL_DATA = {"busi": BUSI, "uclm": UCLM}
+REAL_DATA = {"busi": BUSI, "uclm": UCLM, "bra": BRA}
 
 
-@pytest.mark.parametrize("part", ["busi", "uclm"])
-@pytest.mark.parametrize("name", sorted(SHIPPED))
+@pytest.mark.parametrize("name,part", [(n, p) for n in sorted(SHIPPED) for p in REAL_DATA if p in SHIPPED[n]])
 def test_shipped_checkpoint_scores_the_readme_figures(name, part, tmp_path, monkeypatch):
-    """On its BUSI validation images and on BUS-UCLM: lesion Dice and IoU at least the README's minus 0.02,
+    """On its BUSI validation images, on BUS-UCLM and on BUS-BRA's validation patients where listed: lesion Dice and IoU at least the README's minus 0.02,
     the share of normal scans given a lesion at most the README's plus 0.02."""
     if not REAL_DATA[part].is_dir():
         pytest.skip(f"real data not found at {REAL_DATA[part]}")
