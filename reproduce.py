@@ -61,7 +61,7 @@ MODELS = {
     "busi_unet_efficientnet_lite0": Model(
         "checkpoints/busi_unet_efficientnet_lite0.safetensors", ("configs/busi_effl0.py",),
         "EfficientNet-Lite0 UNet with a classification head, trained on BUSI only; the default of predict.py, "
-        "evaluate.py and app.py.", uncertainty=True,
+        "evaluate.py and app.py before the all-source model.", uncertainty=True,
         evals={"eval_efficientnet_lite0": ("BUSI validation (grouped split)",
                                            {"data_dir": BUSI, "split": "val", "uncertainty": True}),
                "eval_efficientnet_lite0_bus-uclm": ("BUS-UCLM, all images (never seen)",

@@ -17,7 +17,8 @@ CK = ROOT / "checkpoints"
 
 # file in checkpoints/ -> what it is, and the folders of evaluate.py's summaries committed beside it (the README
 # quotes them): "busi" on its BUSI validation images, "uclm" on BUS-UCLM (all images for BUSI-only models, the
-# validation patients for the multi-source ones), "bra" on BUS-BRA's validation patients where trained on it; each with the evaluate.py arguments that made it.
+# validation patients for the multi-source ones), "bra" on BUS-BRA's validation patients where trained on it;
+# each with the evaluate.py arguments that made it.
 SHIPPED = {
     "all_unet_efficientnet_lite0.safetensors": {
         "encoder": "efficientnet-lite0", "image_size": 160, "head": True,
