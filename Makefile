@@ -21,6 +21,9 @@ $(BIN)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 install: $(BIN)/.installed
+	@# the data sets where reproduce.py and the shipped models' settings look (data/BUSI, ...): a link to
+	@# ../shared/data when that exists and data/ does not (put your own copy or link there otherwise)
+	@if [ ! -e data ] && [ -d ../shared/data ]; then ln -s ../shared/data data && echo "linked data -> ../shared/data"; fi
 
 test: install
 	$(BIN)/python -m pytest tests -q -p no:cacheprovider

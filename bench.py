@@ -389,13 +389,13 @@ def recipe_settings(args) -> dict:
     weights (no download) and, with --quick, tiny sizes."""
     import reproduce
     spec = reproduce.MODELS[reproduce.resolve("default")]
-    cfg = reproduce.recipe_cfg(spec.recipes[0])  # the default (BUSI-only) model has one recipe
+    cfg = reproduce.recipe_cfg(spec.recipes[-1])
     cfg.update(encoder_weights="", init_from="")
     if args.train_image_size:
         cfg["image_size"] = args.train_image_size
     if args.train_batch_size:
         cfg["batch_size"] = args.train_batch_size
-    cfg["recipe"] = spec.recipes[0]
+    cfg["recipe"] = spec.recipes[-1]
     return cfg
 
 

@@ -36,7 +36,8 @@ def test_bench_quick_prints_every_line(tmp_path):
     assert set(paths) == set(bench.PATHS) and all(p["ips"] > 0 for p in paths.values())
     assert result["inference"][0]["onnx_max_prob_diff"] <= 1e-4
     assert result["train_project"]["train_ips"] > 0 and result["train_naive"]["train_ips"] > 0
-    assert result["train_project"]["recipe"] == "configs/busi_effl0.py"
+    import reproduce
+    assert result["train_project"]["recipe"] == reproduce.MODELS[reproduce.resolve("default")].recipes[-1]
     assert set(result["page"]["parts_ms"]) == {"decode", "network", "post-processing", "pictures and JSON",
                                                "HTTP and JSON transport"}
 
