@@ -110,14 +110,12 @@ def write_table(cfg: dict, rows: list[dict], folds: list[str]) -> str:
 
 def restore_records(cfg: dict, arm: str, folds: list[str]) -> None:
     """Folds whose record was committed (checkpoints/ablation/<arm>/<fold>.json) count as done in a fresh checkout."""
+    import loso
     if not cfg["copy_table"]:
         return
     for fold in folds:
-        kept = Path(cfg["copy_table"]).with_suffix("") / arm / f"{fold}.json"
-        here = Path(cfg["out_dir"]) / arm / fold / "fold.json"
-        if kept.is_file() and not here.exists():
-            here.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(kept, here)
+        loso.restore_record(Path(cfg["copy_table"]).with_suffix("") / arm / f"{fold}.json",
+                            Path(cfg["out_dir"]) / arm / fold / "fold.json")
 
 
 def run(cfg: dict) -> list[dict]:

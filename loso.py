@@ -227,17 +227,21 @@ def finished_folds(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(out.glob("*/fold.json"))]
 
 
+def restore_record(kept: Path, fold_json: Path) -> None:
+    """A committed fold record copied to fold_json where that is missing (a fresh checkout has no runs/), so the
+    fold counts as done."""
+    if kept.is_file() and not fold_json.exists():
+        fold_json.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(kept, fold_json)
+        log.info("fold %s: restored from %s", fold_json.parent.name, kept)
+
+
 def restore_shipped_folds(out: Path, ship_dir: Path) -> None:
-    """Fold records shipped earlier (without_<source>.json in ship_dir) back into out/<source>/fold.json where
-    missing: in a fresh checkout (runs/ is not committed) those folds are skipped and stay in the table."""
+    """Fold records shipped earlier (without_<source>.json in ship_dir) back into out/<source>/fold.json: those
+    folds are skipped and stay in the table."""
     for rec in sorted(ship_dir.glob("without_*.json")):
-        if rec.name.endswith("_split.json"):
-            continue
-        fold_json = out / rec.stem[len("without_"):] / "fold.json"
-        if not fold_json.exists():
-            fold_json.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(rec, fold_json)
-            log.info("fold %s: restored from %s", fold_json.parent.name, rec)
+        if not rec.name.endswith("_split.json"):
+            restore_record(rec, out / rec.stem[len("without_"):] / "fold.json")
 
 
 def run(cfg: dict) -> list[dict]:
@@ -248,6 +252,7 @@ def run(cfg: dict) -> list[dict]:
     out = Path(cfg["out_dir"] or f"runs/loso/{Path(cfg['recipe']).stem}")
     stages = {s.strip() for s in cfg["stages"].split(",") if s.strip()}
     ship_to = Path(cfg["ship_dir"]) if cfg["ship_dir"] else None
+    table_dirs = [out, ship_to] if ship_to else [out]
     if ship_to:
         ship_to.mkdir(parents=True, exist_ok=True)
         restore_shipped_folds(out, ship_to)
@@ -277,13 +282,13 @@ def run(cfg: dict) -> list[dict]:
             shutil.copyfile(fold_dir / "model.safetensors", ship_to / f"without_{left_out}.safetensors")
             shutil.copyfile(fold_dir / "split.json", ship_to / f"without_{left_out}_split.json")
             shutil.copyfile(fold_dir / "fold.json", ship_to / f"without_{left_out}.json")
-        for table_dir in [out, ship_to] if ship_to else [out]:
+        for table_dir in table_dirs:
             write_table(table_dir, finished_folds(out))
         log.info("fold %s: lesion Dice %.3f on all of %s; table %s", left_out, record["lesion_dice"], left_out,
                  out / "loso.md")
     folds = finished_folds(out)
     if folds:
-        for table_dir in [out, ship_to] if ship_to else [out]:
+        for table_dir in table_dirs:
             write_table(table_dir, folds)
         print(format_table(folds))
     return folds
