@@ -212,6 +212,7 @@ def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
     return {"lesion": np.isin(label, LESION_CLASSES), "normal": label == "normal", "malignant": label == "malignant",
             "dice": col("dice_a"), "iou": col("iou_a"), "miss": col("complete_miss"), "fp": col("false_positive"),
             "gated": np.nan_to_num(col("gate_cleared")), "conflict": np.nan_to_num(col("gate_conflict")),
+            "true_area": col("true_area"), "pred_area": col("pred_area"), "image_area": col("height") * col("width"),
             "score": np.where(np.isnan(mal), NO_MALIGNANCY, mal), "called": mal >= MALIGNANCY_CUTOFF,
             "unscored": np.isnan(mal)}
 
@@ -229,6 +230,25 @@ FIGURES = {  # name: function of _columns(rows)
 }
 
 
+SMALL_LESION = 0.05  # a lesion under this share of the image counts as small in the breakdown of the misses
+
+
+def lesion_breakdown(c: dict[str, np.ndarray]) -> dict:
+    """What the mean lesion Dice mixes: the Dice of the lesions found (not complete misses), the pooled Dice
+    (twice the summed overlap over the summed areas: the figure papers often report, weighted to big lesions) and
+    the share of complete misses whose lesion is under SMALL_LESION of the image."""
+    les = c["lesion"]
+    found = les & (c["miss"] == 0)
+    areas = c["true_area"][les] + c["pred_area"][les]
+    pooled = float(np.nansum(c["dice"][les] * areas) / areas.sum()) if les.any() and areas.sum() > 0 else float("nan")
+    missed = les & (c["miss"] == 1)
+    small = c["true_area"][missed] / c["image_area"][missed] < SMALL_LESION
+    return {"found_lesion_dice": nanmean(c["dice"][found]), "n_found": int(found.sum()),
+            "pooled_lesion_dice": pooled, "n_missed": int(missed.sum()),
+            "small_miss_share": float(small.mean()) if missed.any() and not np.isnan(c["image_area"][missed]).any()
+            else float("nan")}
+
+
 def figures(rows: list[dict]) -> tuple[dict, list[dict]]:
     """(the off-domain figures, the reliability table of the malignancy on lesion images)."""
     c = _columns(rows)
@@ -236,7 +256,7 @@ def figures(rows: list[dict]) -> tuple[dict, list[dict]]:
     sens, spec = sens_spec(c["malignant"][les], c["called"][les])
     ece, table = expected_calibration_error(c["malignant"][les], c["score"][les], bins=10)
     return {"n_lesion": int(les.sum()), "n_normal": int(c["normal"].sum()),
-            **{k: FIGURES[k](c) for k in FIGURE_KEYS},
+            **{k: FIGURES[k](c) for k in FIGURE_KEYS}, **lesion_breakdown(c),
             "sensitivity_malignant": sens, "specificity_malignant": spec, "malignancy_cutoff": MALIGNANCY_CUTOFF,
             "ece": ece, "n_lesion_without_malignancy": int(c["unscored"][les].sum()),
             "gate_cleared_lesion": int(c["gated"][les].sum()), "gate_cleared_normal": int(c["gated"][c["normal"]].sum()),
@@ -566,6 +586,9 @@ def format_figures(summary: dict) -> list[str]:
         return text + (f" [{_num(ci[key][0], 0)}, {_num(ci[key][1], 0)}]" if key in ci else "")
     lines = [f"lesion images ({f['n_lesion']}): Dice {v('lesion_dice')}  IoU {v('lesion_iou')}  "
              f"complete misses {v('miss_rate')}",
+             f"  found lesions ({f['n_found']}): Dice {_num(f['found_lesion_dice'], 0)}  pooled Dice (all lesion images) "
+             f"{_num(f['pooled_lesion_dice'], 0)}  misses under {SMALL_LESION:.0%} of the image: "
+             f"{_num(f['small_miss_share'], 0)} of {f['n_missed']}",
              f"normal images ({f['n_normal']}): share given a lesion {v('normal_fp_share')}",
              f"benign vs malignant (malignancy, lesion images): ROC-AUC {v('auc')}  at {f['malignancy_cutoff']}: "
              f"sensitivity {_num(f['sensitivity_malignant'], 0)} specificity {_num(f['specificity_malignant'], 0)}  "

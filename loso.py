@@ -48,6 +48,7 @@ ship_dir = ""                     # also copy each fold's model, split, record a
 
 REPO = Path(__file__).resolve().parent
 FIGURES = ("lesion_dice", "lesion_iou", "miss_rate", "normal_fp_share", "auc")
+BREAKDOWN = ("found_lesion_dice", "n_found", "pooled_lesion_dice", "n_missed", "small_miss_share")  # evaluate.lesion_breakdown
 
 
 def fold_names(sources: str, holdout_: str) -> list[str]:
@@ -172,7 +173,7 @@ def fold_record(left_out: str, tcfg: dict, chosen: dict, train_minutes: float, e
     return {"held_out": left_out, "trained_on": tcfg["sources"], "recipe": tcfg["config"],
             "setting": {k: chosen[k] for k in ("threshold", "min_area", "normal_gate", "gate_keep")},
             "n_images": held["all"]["n_images"], "n_lesion": f["n_lesion"], "n_normal": f["n_normal"],
-            **{k: f[k] for k in FIGURES}, "gate_cleared_lesion": f.get("gate_cleared_lesion", 0),
+            **{k: f[k] for k in FIGURES}, **{k: f[k] for k in BREAKDOWN}, "gate_cleared_lesion": f.get("gate_cleared_lesion", 0),
             "gate_kept_for_review": f.get("gate_kept_for_review", 0),
             "intervals": {k: held.get("intervals", {}).get(k) for k in FIGURES},
             "subgroups": held.get("subgroups", []),
@@ -196,23 +197,25 @@ def _ci(iv) -> str:
 def format_table(folds: list[dict]) -> str:
     """The LOSO table in Markdown: one row per held-out source, then its subgroup rows."""
     lines = ["| held out | trained on | images (lesion / normal) | lesion Dice (95% CI) | lesion IoU (95% CI) | "
-             "complete misses | normal scans given a lesion | lesion images erased by the gate | malignancy AUC |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "complete misses | Dice of the found lesions | pooled Dice | normal scans given a lesion | "
+             "lesion images erased by the gate | malignancy AUC |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in folds:
         iv = r["intervals"]
         on = " + ".join(s.split("=")[0] for s in r["trained_on"].split(";"))
         lines.append(f"| **{r['held_out']}** | {on} | {r['n_lesion']} / {r['n_normal']} | "
                      f"{_f(r['lesion_dice'])}{_ci(iv.get('lesion_dice'))} | {_f(r['lesion_iou'])}"
-                     f"{_ci(iv.get('lesion_iou'))} | {_pct(r['miss_rate'])} | {_pct(r['normal_fp_share'])} | "
+                     f"{_ci(iv.get('lesion_iou'))} | {_pct(r['miss_rate'])} | {_f(r.get('found_lesion_dice'))} | "
+                     f"{_f(r.get('pooled_lesion_dice'))} | {_pct(r['normal_fp_share'])} | "
                      f"{r['gate_cleared_lesion']} | {_f(r['auc'])}{_ci(iv.get('auc'))} |")
         for s in r["subgroups"]:
             lines.append(f"| {r['held_out']}: {s['column']} = {s['value']} | | {s['n_lesion']} / {s['n_normal']} | "
-                         f"{_f(s['lesion_dice'])} | {_f(s['lesion_iou'])} | {_pct(s['miss_rate'])} | "
+                         f"{_f(s['lesion_dice'])} | {_f(s['lesion_iou'])} | {_pct(s['miss_rate'])} | | | "
                          f"{_pct(s['normal_fp_share'])} | | {_f(s['auc'])} |")
     if folds:
         mean = {k: sum(r[k] for r in folds) / len(folds) for k in ("lesion_dice", "lesion_iou", "miss_rate")}
         lines.append(f"| mean over {len(folds)} held-out source(s) | | | {_f(mean['lesion_dice'])} | "
-                     f"{_f(mean['lesion_iou'])} | {_pct(mean['miss_rate'])} | | | |")
+                     f"{_f(mean['lesion_iou'])} | {_pct(mean['miss_rate'])} | | | | | |")
     return "\n".join(lines)
 
 

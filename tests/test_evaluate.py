@@ -901,3 +901,21 @@ def test_the_recall_floor_also_holds_a_higher_threshold_back():
     assert by_t[0.8]["dice_all_b"] > by_t[0.5]["dice_all_b"]  # the normal scans pay for 0.8 ...
     assert ev.choose_setting(sweep)["threshold"] == 0.8
     assert ev.choose_setting(sweep, recall_floor=0.02)["threshold"] == 0.5  # ... but not at the lesions' cost
+
+
+def test_lesion_breakdown_found_pooled_and_small_misses():
+    def row(label, dice, miss, true_area, pred_area):
+        return {**hand_row(label, dice, miss), "true_area": true_area, "pred_area": pred_area,
+                "height": 100, "width": 100}
+    rows = [row("benign", 0.9, 0, 3000, 3000),   # big lesion, found well
+            row("malignant", 0.5, 0, 200, 200),  # small lesion, found roughly
+            row("benign", 0.0, 1, 100, 0),       # small lesion missed (1% of the image)
+            row("malignant", 0.0, 1, 900, 0),    # 9% of the image, missed
+            hand_row("normal", nan, fp=0)]
+    f, _ = ev.figures(rows)
+    assert f["lesion_dice"] == pytest.approx(1.4 / 4)
+    assert f["n_found"] == 2 and f["found_lesion_dice"] == pytest.approx(0.7)
+    # twice the summed overlap (2700 + 100) over the summed areas (6000 + 400 + 100 + 900)
+    assert f["pooled_lesion_dice"] == pytest.approx(2 * 2800 / 7400)
+    assert f["n_missed"] == 2 and f["small_miss_share"] == pytest.approx(0.5)
+    assert "pooled Dice" in "\n".join(ev.format_figures({"figures": f}))

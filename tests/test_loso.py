@@ -44,6 +44,9 @@ def test_one_row_per_held_out_source(loso_run):
     for f in folds:
         assert f["n_images"] == 12 and f["n_lesion"] == 8 and f["n_normal"] == 4  # all of the held-out source
         assert f["intervals"]["lesion_dice"] is not None and "gate_cleared_lesion" in f
+        assert f["n_found"] + f["n_missed"] == f["n_lesion"]  # the breakdown of the lesion Dice is in the record
+        assert all(k in f for k in loso.BREAKDOWN)
+    assert "| pooled Dice |" in table
 
 
 def test_the_held_out_source_never_trains_validates_or_tunes(loso_run):
