@@ -123,6 +123,7 @@ threshold = -1.0             # lesion probability threshold; < 0 uses the checkp
 min_area = -1.0              # smallest lesion component kept, in pixels at the network's input size; < 0 uses the checkpoint's (0 if none)
 normal_gate = -1.0           # with a classification head: clear the mask when P(normal) >= this; < 0 uses the checkpoint's (1.0 if none)
 tune_threshold = False       # sweep threshold, min_area (and normal_gate) on these images, report each, evaluate at the best (validation only!)
+tune_gate = True             # tuning sweeps the normal gate too (models with a head); False: no gate (1.0) whatever validation says
 recall_floor = 0.02          # tuning: the setting may leave empty at most this share of the lesion images that threshold 0.5 alone finds (< 0: no floor)
 gate_keep = -1.0             # the normal gate never erases a mask whose mean lesion probability is at least this; < 0 uses the checkpoint's (1.0 if none)
 subgroups = ""               # manifest columns for per-subgroup rows, comma-separated, e.g. doppler,marks
@@ -1033,7 +1034,7 @@ def tune(cfg: dict, predictor, data: LoadedSet, info: dict) -> tuple[list[dict],
     keep = cfg["gate_keep"] if cfg["gate_keep"] >= 0 else GATE_KEEP
     floor = cfg["recall_floor"] if cfg["recall_floor"] >= 0 else None
     sweep = threshold_sweep(predictor, data, batch_size=cfg["batch_size"], tta=cfg["tta"], min_areas=MIN_AREA_GRID,
-                            gates=GATE_GRID, gate_keep=keep)
+                            gates=GATE_GRID if cfg["tune_gate"] else (1.0,), gate_keep=keep)
     best = choose_setting(sweep, recall_floor=floor)
     print(format_sweep(sweep, best))
     chosen = {"threshold": best["threshold"], "min_area": best["min_area"]}

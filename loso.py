@@ -40,6 +40,7 @@ out_dir = ""                      # folds go to <out_dir>/<source>/; empty: runs
 split_dir = "runs/loso/splits"    # one split file per fold (without_<source>.json), shared by every recipe
 stages = "train,tune,eval"        # stages to run; a stage whose output is there is skipped
 recall_floor = 0.02               # tuning may leave empty at most this share of the validation lesion images threshold 0.5 finds
+tune_gate = True                  # tuning may choose a normal gate (models with a head); False: no gate
 bootstrap = 1000                  # patient-bootstrap resamples for the held-out intervals
 subgroups = "device,doppler,marks"  # held-out subgroup columns, each used where the source's manifest has it
 train_args = ""                   # extra train.py flags for every fold, e.g. "--max_steps 2" (tests)
@@ -127,10 +128,13 @@ def stage_tune(cfg: dict, left_out: str, fold_dir: Path) -> dict:
     model_path = fold_dir / "model.safetensors"
     chosen_path = fold_dir / "tuned.json"
     if model_path.exists() and chosen_path.exists():
-        return json.loads(chosen_path.read_text())
+        chosen = json.loads(chosen_path.read_text())
+        if chosen.get("tune_gate", True) == cfg["tune_gate"]:
+            return chosen
     src = fold_dir / "run" / "last.safetensors"
-    setting = tune_and_ship(str(src), str(model_path), str(fold_dir / "split.json"), cfg["recall_floor"])
-    chosen = {**setting, "recall_floor": cfg["recall_floor"],
+    setting = tune_and_ship(str(src), str(model_path), str(fold_dir / "split.json"), cfg["recall_floor"],
+                            cfg["tune_gate"])
+    chosen = {**setting, "recall_floor": cfg["recall_floor"], "tune_gate": cfg["tune_gate"],
               "tuned_on": f"validation images of {read_checkpoint_meta(src)['train_config']['sources']}"}
     chosen_path.write_text(json.dumps(chosen, indent=1) + "\n")
     return chosen

@@ -38,6 +38,7 @@ class Model:
     summary: str                  # one line: what it is
     weights: str = "last"         # which weights of the last run are shipped: last or best (lowest validation loss)
     tune: bool = True             # choose threshold / min_area / gate on the validation images
+    tune_gate: bool = True        # the tuning may choose a normal gate (models with a head); False: none
     uncertainty: bool = False     # choose the uncertainty review cut-off on the validation images
     # evaluation folder in checkpoints/ -> (what it is, evaluate.py settings)
     evals: dict = field(default_factory=dict)
@@ -136,7 +137,7 @@ def stage_ship_and_tune(spec: Model, run_dir: Path, stages: set[str]) -> None:
     if "ship" in stages:
         ship(str(run_dir / f"{spec.weights}.safetensors"), spec.file, split)
     if "tune" in stages and spec.tune:
-        tune_and_ship(spec.file, spec.file, split)
+        tune_and_ship(spec.file, spec.file, split, tune_gate=spec.tune_gate)
     if "review" in stages and spec.uncertainty:
         summary = _evaluate(spec, {"split": "val", "uncertainty": True, "uncertainty_cutoff": -1.0,
                                    "out_dir": str(run_dir / "eval_review")})

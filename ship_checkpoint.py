@@ -67,15 +67,16 @@ def ship(src: str, out: str, split: str, half: bool = True, threshold: float | N
     return meta
 
 
-def tune_and_ship(src: str, out: str, split: str, recall_floor: float = 0.02) -> dict:
-    """Choose threshold, min_area and (with a head) the normal gate on src's validation images (evaluate.tune:
-    highest all-image Dice (b), at most recall_floor of the lesion images erased), and ship src as out (fp16)
-    with them; returns the chosen setting. reproduce.py and loso.py call this, so no value is copied by hand."""
+def tune_and_ship(src: str, out: str, split: str, recall_floor: float = 0.02, tune_gate: bool = True) -> dict:
+    """Choose threshold, min_area and (with a head, unless tune_gate is False: then no gate) the normal gate on
+    src's validation images (evaluate.tune: highest all-image Dice (b), at most recall_floor of the lesion images
+    erased), and ship src as out (fp16) with them; returns the chosen setting. reproduce.py and loso.py call this,
+    so no value is copied by hand."""
     import evaluate
     from cli import settings_with
     from predict import load_predictor, pick_device
     predictor, meta = load_predictor(src, pick_device("auto"))
-    ecfg = settings_with(evaluate.__file__, checkpoint=src, split="val", recall_floor=recall_floor)
+    ecfg = settings_with(evaluate.__file__, checkpoint=src, split="val", recall_floor=recall_floor, tune_gate=tune_gate)
     data, info = evaluate.load_eval_set(ecfg, meta)
     _, setting = evaluate.tune(ecfg, predictor, data, info)
     kwargs = {"threshold": setting["threshold"], "min_area": setting["min_area"]}

@@ -919,3 +919,16 @@ def test_lesion_breakdown_found_pooled_and_small_misses():
     assert f["pooled_lesion_dice"] == pytest.approx(2 * 2800 / 7400)
     assert f["n_missed"] == 2 and f["small_miss_share"] == pytest.approx(0.5)
     assert "pooled Dice" in "\n".join(ev.format_figures({"figures": f}))
+
+
+def test_tune_gate_off_ships_no_gate_where_validation_would_choose_one(synthetic):
+    from cli import settings_with
+    data, logits, head = synthetic
+    with_blob = logits.clone()
+    with_blob[5][(0, *block(10, 10, 12))] = 8.0  # a big false lesion on the normal scan with P(normal) 0.95
+    predictor = fake_predictor(with_blob, head)
+    info = {"split": "val"}
+    _, gated = ev.tune(settings_with(ev.__file__, gate_keep=1.0), predictor, data, info)
+    assert gated["normal_gate"] == 0.9  # the highest gate of the grid that clears the blob
+    _, off = ev.tune(settings_with(ev.__file__, gate_keep=1.0, tune_gate=False), predictor, data, info)
+    assert off["normal_gate"] == 1.0 and off["gate_keep"] == 1.0

@@ -80,6 +80,19 @@ def test_a_resumed_run_skips_finished_folds(loso_run, monkeypatch):
     assert [f["lesion_dice"] for f in loso.run(cfg)] == [f["lesion_dice"] for f in folds]
 
 
+def test_tune_gate_off_retunes_a_fold_tuned_with_the_gate(loso_run, tmp_path):
+    import shutil
+    from model import read_checkpoint_meta
+    root, cfg, _ = loso_run
+    fold_dir = tmp_path / "alpha"
+    shutil.copytree(root / "out" / "alpha", fold_dir)
+    assert json.loads((fold_dir / "tuned.json").read_text())["tune_gate"] is True
+    chosen = loso.stage_tune({**cfg, "tune_gate": False}, "alpha", fold_dir)
+    assert chosen["tune_gate"] is False and chosen["normal_gate"] == 1.0
+    assert json.loads((fold_dir / "tuned.json").read_text()) == chosen
+    assert read_checkpoint_meta(fold_dir / "model.safetensors")["normal_gate"] == 1.0
+
+
 def test_an_unfinished_fold_resumes_its_training(three_sources, monkeypatch):
     root, recipe = three_sources
     cfg = settings_with(ROOT / "loso.py", recipe=str(recipe), out_dir=str(root / "resume"),
