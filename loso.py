@@ -9,15 +9,18 @@ recipe's `sources` names every source; fold <name> trains on the others. Per fol
   train   train.py with the recipe (sources = the others, split by patient and near-duplicate group into
           training and validation images of the training sources only; one split per fold in split_dir, shared
           by every recipe so arms are compared on the same images); resumed when a run is there, skipped when done;
-  tune    threshold, minimum area and normal gate chosen on that validation split (evaluate.tune rules: highest
-          all-image Dice (b), at most recall_floor of the lesion images that threshold 0.5 finds left empty);
-          the last epoch's weights shipped as model.safetensors (fp16) with that setting;
+  tune    threshold and minimum area (and, with --tune_gate true, the normal gate) chosen on that validation
+          split (evaluate.tune rules: highest all-image Dice (b), at most recall_floor of the lesion images that
+          threshold 0.5 finds left empty); the last epoch's weights shipped as model.safetensors (fp16) with that
+          setting. No gate by default: in both folds where validation chose one, it erased more lesion images of
+          the new scanner than the floor allowed;
   eval    model.safetensors on every image of the held-out source (nothing of it chose anything) with
           patient-bootstrap intervals and subgroup rows (device, doppler, marks where the manifest has them),
           into eval_heldout/ (and, when a normal gate was chosen, once more without it: eval_heldout_nogate/);
           and on the validation images of the training sources, into eval_val/.
 fold.json records the fold's figures; a fold with fold.json is skipped (delete it to redo the fold's tune and
-eval). After each fold the table of every finished fold is written: <out_dir>/loso.md and loso.json. With
+eval; a fold tuned under the other --tune_gate is tuned and evaluated again). After each fold the table of every
+finished fold is written: <out_dir>/loso.md and loso.json. With
 --ship_dir (checkpoints/loso) each fold's model, split and record and the table go there too, and a fresh checkout
 restores the shipped records first, so finished folds are skipped and stay in the table.
 """
@@ -40,7 +43,7 @@ out_dir = ""                      # folds go to <out_dir>/<source>/; empty: runs
 split_dir = "runs/loso/splits"    # one split file per fold (without_<source>.json), shared by every recipe
 stages = "train,tune,eval"        # stages to run; a stage whose output is there is skipped
 recall_floor = 0.02               # tuning may leave empty at most this share of the validation lesion images threshold 0.5 finds
-tune_gate = True                  # tuning may choose a normal gate (models with a head); False: no gate
+tune_gate = False                 # True: tuning may choose a normal gate (models with a head); False: no gate (why: docs/results.md)
 bootstrap = 1000                  # patient-bootstrap resamples for the held-out intervals
 subgroups = "device,doppler,marks"  # held-out subgroup columns, each used where the source's manifest has it
 train_args = ""                   # extra train.py flags for every fold, e.g. "--max_steps 2" (tests)
@@ -167,6 +170,8 @@ def stage_eval(cfg: dict, left_out: str, fold_dir: Path, sources: str) -> dict:
         no_gate = evaluate.run(_eval_cfg(checkpoint=model_path, sources=f"{left_out}={spec}", split="all",
                                          out_dir=str(fold_dir / "eval_heldout_nogate"), bootstrap=0,
                                          normal_gate=1.0, gate_keep=1.0))
+    elif (fold_dir / "eval_heldout_nogate").exists():  # of an earlier tuning that chose a gate
+        shutil.rmtree(fold_dir / "eval_heldout_nogate")
     return {"held_out": held, "val": val, "no_gate": no_gate, "eval_minutes": (time.time() - t0) / 60}
 
 
@@ -176,6 +181,7 @@ def fold_record(left_out: str, tcfg: dict, chosen: dict, train_minutes: float, e
     f = held["figures"]
     return {"held_out": left_out, "trained_on": tcfg["sources"], "recipe": tcfg["config"],
             "setting": {k: chosen[k] for k in ("threshold", "min_area", "normal_gate", "gate_keep")},
+            "tune_gate": chosen.get("tune_gate", True),
             "n_images": held["all"]["n_images"], "n_lesion": f["n_lesion"], "n_normal": f["n_normal"],
             **{k: f[k] for k in FIGURES}, **{k: f[k] for k in BREAKDOWN}, "gate_cleared_lesion": f.get("gate_cleared_lesion", 0),
             "gate_kept_for_review": f.get("gate_kept_for_review", 0),
@@ -266,8 +272,11 @@ def run(cfg: dict) -> list[dict]:
     for left_out in fold_names(recipe_sources, cfg["holdout"]):
         fold_dir = out / left_out
         if (fold_dir / "fold.json").exists():
-            log.info("fold %s: done (%s), skipped", left_out, fold_dir / "fold.json")
-            continue
+            if json.loads((fold_dir / "fold.json").read_text()).get("tune_gate", True) == cfg["tune_gate"]:
+                log.info("fold %s: done (%s), skipped", left_out, fold_dir / "fold.json")
+                continue
+            log.info("fold %s: tuned with tune_gate %s before: tuned and evaluated again", left_out,
+                     not cfg["tune_gate"])
         fold_dir.mkdir(parents=True, exist_ok=True)
         Path(cfg["split_dir"]).mkdir(parents=True, exist_ok=True)
         if "train" in stages:

@@ -109,7 +109,8 @@ def render(name: str, meta: dict, spec, evals: list[tuple[str, str, dict]], size
     srcs = sources_of(tc)
     head = f"a classification head ({', '.join(meta['head'])})" if meta.get("head") else "no classification head"
     post = (f"threshold {meta.get('threshold')}, minimum lesion {meta.get('min_area') or 0:g} px at the input size"
-            + (f", normal gate {meta.get('normal_gate')}" if meta.get("head") else "")
+            + ((f", normal gate {meta['normal_gate']}" if meta.get("normal_gate", 1.0) < 1.0
+                else ", no normal gate (the head's P(normal) never clears a mask)") if meta.get("head") else "")
             + (f" (never erasing a mask of mean probability >= {meta['gate_keep']})" if meta.get("gate_keep", 1) < 1
                else "")
             + (f", review cut-off of the uncertainty {meta['uncertainty_cutoff']}" if meta.get("uncertainty_cutoff")

@@ -50,6 +50,7 @@ MODELS = {
         "checkpoints/all_unet_efficientnet_lite0.safetensors", ("configs/all_sources.py",),
         "EfficientNet-Lite0 UNet with a classification head, trained on BUSI, BUS-UCLM and BUS-BRA (the LOSO "
         "recipe); the default of predict.py, evaluate.py and app.py.", uncertainty=True,
+        tune_gate=False,  # as the LOSO folds: a gate chosen on validation erased lesions on new scanners
         evals={"eval_all_busi": ("BUSI validation patients (in-domain)",
                                  {"sources": f"busi={BUSI}", "split": "val", "uncertainty": True}),
                "eval_all_bus-uclm": ("BUS-UCLM validation patients (in-domain)",

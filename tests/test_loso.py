@@ -80,17 +80,23 @@ def test_a_resumed_run_skips_finished_folds(loso_run, monkeypatch):
     assert [f["lesion_dice"] for f in loso.run(cfg)] == [f["lesion_dice"] for f in folds]
 
 
-def test_tune_gate_off_retunes_a_fold_tuned_with_the_gate(loso_run, tmp_path):
+def test_the_tuning_follows_tune_gate_and_a_fold_tuned_otherwise_is_redone(loso_run, tmp_path, monkeypatch):
     import shutil
     from model import read_checkpoint_meta
-    root, cfg, _ = loso_run
+    root, cfg, folds = loso_run
+    assert not cfg["tune_gate"] and all(f["tune_gate"] is False and f["setting"]["normal_gate"] == 1.0 for f in folds)
     fold_dir = tmp_path / "alpha"
     shutil.copytree(root / "out" / "alpha", fold_dir)
-    assert json.loads((fold_dir / "tuned.json").read_text())["tune_gate"] is True
-    chosen = loso.stage_tune({**cfg, "tune_gate": False}, "alpha", fold_dir)
-    assert chosen["tune_gate"] is False and chosen["normal_gate"] == 1.0
-    assert json.loads((fold_dir / "tuned.json").read_text()) == chosen
+    gated = loso.stage_tune({**cfg, "tune_gate": True}, "alpha", fold_dir)  # tuned again: the policy changed
+    assert gated["tune_gate"] is True and json.loads((fold_dir / "tuned.json").read_text()) == gated
+    off = loso.stage_tune(cfg, "alpha", fold_dir)
+    assert off["tune_gate"] is False and off["normal_gate"] == 1.0
     assert read_checkpoint_meta(fold_dir / "model.safetensors")["normal_gate"] == 1.0
+    redone = []
+    monkeypatch.setattr(loso, "stage_tune", lambda c, left_out, d: redone.append(left_out) or 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # the finished fold is not skipped under the other policy
+        loso.run({**cfg, "tune_gate": True, "holdout": "beta"})
+    assert redone == ["beta"]
 
 
 def test_an_unfinished_fold_resumes_its_training(three_sources, monkeypatch):

@@ -58,4 +58,9 @@ def test_reproduce_runs_the_whole_chain_on_phantoms(phantom_tree, tmp_path, monk
         f = json.loads((tmp_path / "ck" / folder / "summary.json").read_text())
         assert f["checkpoint"] == spec.file and f"{f['figures']['lesion_dice']:.3f}" in card
     assert reproduce.main(["phantom_model", "--stages", "card"]) == 0  # train etc. not run again
+    from dataclasses import replace
+    monkeypatch.setitem(reproduce.MODELS, "phantom_model", replace(spec, tune_gate=False))
+    assert reproduce.main(["phantom_model", "--stages", "tune,card"]) == 0
+    assert model.read_checkpoint_meta(spec.file)["normal_gate"] == 1.0
+    assert "no normal gate" in Path(spec.file).with_suffix(".md").read_text()
     assert reproduce.main(["nonexistent"]) == 1
