@@ -134,9 +134,10 @@ def run(cfg: dict) -> list[dict]:
     for name in names:
         log.info("arm %s", name)
         for fold in folds:  # one fold at a time, so each finished fold's record is copied as it lands
+            # tune_gate: every arm with a head gets the gate under the floor and its gate-off row, as before
             loso.run(settings_with(loso.__file__, recipe=f"configs/ablation/{name}.py", holdout=fold,
                                    out_dir=str(Path(cfg["out_dir"]) / name), split_dir=cfg["split_dir"],
-                                   stages=cfg["stages"], tune_gate=True))  # the gate under the floor, and the gate-off row
+                                   stages=cfg["stages"], tune_gate=True))
             rows = arm_rows(Path(cfg["out_dir"]), listed, folds)
             if rows:
                 write_table(cfg, rows, folds)
