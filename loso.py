@@ -124,6 +124,11 @@ def _eval_cfg(**overrides) -> dict:
     return settings_with(evaluate.__file__, gallery=0, measure=False, **overrides)
 
 
+def tuned_as_asked(record: dict, cfg: dict) -> bool:
+    """Whether a tuned.json or fold.json was made under cfg's tune_gate (records before the setting had the gate)."""
+    return record.get("tune_gate", True) == cfg["tune_gate"]
+
+
 def stage_tune(cfg: dict, left_out: str, fold_dir: Path) -> dict:
     """Choose threshold / min_area / gate on the training sources' validation images; ship model.safetensors."""
     from model import read_checkpoint_meta
@@ -132,7 +137,7 @@ def stage_tune(cfg: dict, left_out: str, fold_dir: Path) -> dict:
     chosen_path = fold_dir / "tuned.json"
     if model_path.exists() and chosen_path.exists():
         chosen = json.loads(chosen_path.read_text())
-        if chosen.get("tune_gate", True) == cfg["tune_gate"]:
+        if tuned_as_asked(chosen, cfg):
             return chosen
     src = fold_dir / "run" / "last.safetensors"
     setting = tune_and_ship(str(src), str(model_path), str(fold_dir / "split.json"), cfg["recall_floor"],
@@ -273,7 +278,7 @@ def run(cfg: dict) -> list[dict]:
     for left_out in fold_names(recipe_sources, cfg["holdout"]):
         fold_dir = out / left_out
         if (fold_dir / "fold.json").exists():
-            if json.loads((fold_dir / "fold.json").read_text()).get("tune_gate", True) == cfg["tune_gate"]:
+            if tuned_as_asked(json.loads((fold_dir / "fold.json").read_text()), cfg):
                 log.info("fold %s: done (%s), skipped", left_out, fold_dir / "fold.json")
                 continue
             log.info("fold %s: tuned with tune_gate %s before: tuned and evaluated again", left_out,
